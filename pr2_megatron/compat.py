@@ -1,0 +1,68 @@
+"""The one place that probes which megatron-core API is installed (0.16.1 in CI; 0.17-0.19 too).
+
+Everything version-dependent is decided here once, with ``inspect.signature``, instead of
+``hasattr`` checks scattered through the code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class MegatronFeatures:
+    """What the installed megatron-core offers that the project depends on."""
+
+    version: str
+    #: ``topk_routing_with_score_function(..., router_replay=...)``: the hook through which the
+    #: PR2 router chooses experts while Megatron keeps the score function, expert bias,
+    #: group-limited routing and scaling (core >= 0.16).
+    topk_routing_has_router_replay: bool
+    #: ``MoESubmodules.router``: the spec seam for swapping the router (core >= 0.16).
+    moe_submodules_has_router: bool
+    #: ``megatron.core.tensor_parallel.random.is_checkpointing``: lets a router tell the first
+    #: forward of an activation-checkpointed region from its recompute in backward.
+    has_is_checkpointing: bool
+    #: Transformer Engine importable (GPU clusters, NGC containers).
+    have_te: bool
+
+
+@lru_cache(maxsize=1)
+def megatron_features() -> MegatronFeatures:
+    """Probe the installed megatron-core once per process."""
+    from megatron.core import package_info
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import moe_layer, moe_utils
+
+    routing_params = inspect.signature(moe_utils.topk_routing_with_score_function).parameters
+    submodule_fields = getattr(moe_layer.MoESubmodules, "__dataclass_fields__", {})
+    return MegatronFeatures(
+        version=package_info.__version__,
+        topk_routing_has_router_replay="router_replay" in routing_params,
+        moe_submodules_has_router="router" in submodule_fields,
+        has_is_checkpointing=callable(getattr(mcore_random, "is_checkpointing", None)),
+        have_te=_have_transformer_engine(),
+    )
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        # A TE meta package without CUDA raises RuntimeError/OSError at import, not ImportError.
+        return False
+    return True
+
+
+def require_router_seam() -> MegatronFeatures:
+    """Raise a clear error when the installed megatron-core lacks what the PR2 router needs."""
+    features = megatron_features()
+    if not (features.topk_routing_has_router_replay and features.moe_submodules_has_router):
+        raise RuntimeError(
+            f"megatron-core {features.version} lacks the router seam PR2 builds on "
+            "(MoESubmodules.router and topk_routing_with_score_function(router_replay=...)); "
+            "megatron-core >= 0.16 is required"
+        )
+    return features

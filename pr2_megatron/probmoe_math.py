@@ -1,0 +1,395 @@
+"""Exact math for ProbMoE routing: cardinality-constrained subset distributions over experts.
+
+ProbMoE (arXiv 2606.01509) gives every expert ``e`` an independent Bernoulli logit ``θ_e`` and
+routes a token to a subset ``S`` of experts drawn from
+
+    p(S) ∝ Π_{e∈S} exp(θ_e)      restricted to  k_min ≤ |S| ≤ k_max
+
+(exact-k routing is ``k_min == k_max == k``). Everything here is exact, with no relaxation:
+
+* the normaliser is a sum of elementary symmetric polynomials ``e_j(exp θ)``, computed by an
+  O(E·k_max) dynamic programme over experts in log space;
+* the marginals ``μ_e = P(e ∈ S) = ∂ log Z / ∂θ_e`` come from autograd on that programme and stay
+  differentiable with respect to the logits;
+* subsets are sampled exactly (size first, then a backward walk over the DP table);
+* the SIMPLE estimator (Ahmed et al., 2023) forwards the hard sampled mask and backpropagates
+  through ``μ``.
+
+The subset range convention is ``0 ≤ k_min ≤ k_max ≤ E`` with ``k_max ≥ 1``. ``k_min = 0`` is
+allowed: the empty subset is a well-defined outcome (weight ``e_0 = 1``), a sampled row may then be
+all-False, and what an empty route means (drop the token, fall back to a shared expert) is the
+router's decision, not this module's.
+
+Pure torch; no Megatron import.
+
+Shape-suffix legend:
+    T  tokens (rows of the logits)
+    E  experts
+    K  subset sizes 0..k_max (k_max + 1 entries), or the width of an index list
+    P  expert prefixes 0..E (E + 1 entries): prefix p holds experts 0..p-1
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "exact_marginals",
+    "log_partition_by_size",
+    "log_prob_size",
+    "mask_to_indices",
+    "sample_subsets",
+    "simple_straight_through",
+    "subset_log_partition",
+    "subset_log_prob",
+    "topk_of",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (user errors -> ValueError naming the bad value)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_logits(logits_TE: torch.Tensor) -> None:
+    if not isinstance(logits_TE, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits_TE).__name__}")
+    if logits_TE.dim() != 2:
+        raise ValueError(
+            f"logits must be 2-D [tokens, experts], got shape {tuple(logits_TE.shape)}"
+        )
+    if not logits_TE.is_floating_point():
+        raise ValueError(f"logits must be floating point, got dtype {logits_TE.dtype}")
+
+
+def _check_size_range(k_min: int, k_max: int, num_experts: int) -> None:
+    if k_min < 0:
+        raise ValueError(f"k_min={k_min} must be >= 0")
+    if k_max < 1:
+        raise ValueError(f"k_max={k_max} must be >= 1")
+    if k_min > k_max:
+        raise ValueError(f"k_min={k_min} must be <= k_max={k_max}")
+    if k_max > num_experts:
+        raise ValueError(f"k_max={k_max} exceeds the number of experts E={num_experts}")
+
+
+def _dp_input(logits_TE: torch.Tensor) -> torch.Tensor:
+    # The DP accumulates E log-space sums per size; bf16/fp16 (8/11-bit mantissas) would bias the
+    # partition and the marginals, so half precision is promoted (differentiably) to float32.
+    if logits_TE.dtype in (torch.float16, torch.bfloat16):
+        return logits_TE.float()
+    return logits_TE
+
+
+# --------------------------------------------------------------------------------------------
+# The dynamic programme
+# --------------------------------------------------------------------------------------------
+
+
+def _log_esp_prefixes(theta_TE: torch.Tensor, k_max: int) -> list[torch.Tensor]:
+    """Return ``[row_p for p in 0..E]``, ``row_p[t, j] = log e_j(exp θ_t[0:p])`` of shape [T, K].
+
+    Recurrence over experts: ``e_j(x_0..x_p) = e_j(x_0..x_{p-1}) + x_p · e_{j-1}(x_0..x_{p-1})``.
+    Cells with ``j > p`` are impossible (-inf). They are never fed to ``logaddexp``: its backward,
+    ``exp(a - out)``, is NaN at ``a = out = -inf`` and the NaN would reach the logits even through a
+    zero upstream gradient. So each step only combines finite cells, the new top cell
+    ``j = p + 1`` is a plain add, and the -inf tail is a constant carried along.
+    """
+    num_tokens, num_experts = theta_TE.shape
+    row_TK = theta_TE.new_full((num_tokens, k_max + 1), float("-inf"))
+    row_TK[:, 0] = 0.0  # e_0 = 1 for every prefix, including the empty one
+    rows = [row_TK]
+    for e in range(num_experts):
+        theta_T1 = theta_TE[:, e : e + 1]
+        finite = min(e, k_max)  # sizes 1..finite are finite in both the old row and its shift
+        parts = [row_TK[:, :1]]
+        if finite >= 1:
+            parts.append(torch.logaddexp(row_TK[:, 1 : finite + 1], row_TK[:, :finite] + theta_T1))
+        if e + 1 <= k_max:
+            parts.append(row_TK[:, e : e + 1] + theta_T1)  # e_{p}(x_0..x_{p-1}) = Π x
+            parts.append(row_TK[:, e + 2 :])  # still impossible: -inf constants
+        row_TK = torch.cat(parts, dim=1)
+        rows.append(row_TK)
+    return rows
+
+
+def log_partition_by_size(logits_TE: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Log elementary symmetric polynomials of ``exp θ`` for sizes 0..k_max.
+
+    ``out[t, j] = log e_j(exp θ_t) = log Σ_{|S| = j} Π_{e∈S} exp(θ_{t,e})``, i.e. the log of the
+    unnormalised mass of all size-``j`` subsets. ``out[:, 0] = 0``; sizes ``j > E`` are impossible
+    and are ``-inf`` (``k_max > E`` is accepted here, unlike in the subset-level functions).
+
+    Computed by a dynamic programme over experts in log space: O(E·k_max) per token, vectorised
+    over tokens, stable for logits of any magnitude (±50 and beyond). Differentiable (twice) with
+    respect to the logits. Half-precision logits are computed in float32.
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        k_max: largest size to report (>= 0).
+
+    Returns:
+        Tensor [T, k_max + 1].
+
+    """
+    _check_logits(logits_TE)
+    if k_max < 0:
+        raise ValueError(f"k_max={k_max} must be >= 0")
+    return _log_esp_prefixes(_dp_input(logits_TE), k_max)[-1]
+
+
+def log_prob_size(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Log-probability that independent Bernoulli(sigmoid θ_e) experts select exactly ``k``.
+
+    ``log P(|S| = k) = log e_k(exp θ) − Σ_e log(1 + exp θ_e)``, since the unconstrained product
+    of Bernoullis has normaliser ``Π_e (1 + exp θ_e) = Σ_j e_j(exp θ)``.
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        k: subset size, ``0 <= k <= E``.
+
+    Returns:
+        Tensor [T].
+
+    """
+    _check_logits(logits_TE)
+    num_experts = logits_TE.shape[1]
+    if not 0 <= k <= num_experts:
+        raise ValueError(f"k={k} must be in [0, E={num_experts}]")
+    theta_TE = _dp_input(logits_TE)
+    log_esp_T = _log_esp_prefixes(theta_TE, k)[-1][:, k]
+    # log(1 + exp θ) as logaddexp(θ, 0): F.softplus goes linear above θ = 20 and drops exp(−θ).
+    log_one_plus_TE = torch.logaddexp(theta_TE, torch.zeros_like(theta_TE))
+    return log_esp_T - log_one_plus_TE.sum(dim=-1)
+
+
+def subset_log_partition(logits_TE: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
+    """Log normaliser of the cardinality-constrained subset distribution.
+
+    ``log Z = log Σ_{j=k_min..k_max} e_j(exp θ)`` (exact-k: ``log e_k``). Its gradient is the
+    vector of inclusion marginals (see :func:`exact_marginals`).
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        k_min: smallest allowed subset size, ``0 <= k_min <= k_max``.
+        k_max: largest allowed subset size, ``1 <= k_max <= E``.
+
+    Returns:
+        Tensor [T].
+
+    """
+    _check_logits(logits_TE)
+    _check_size_range(k_min, k_max, logits_TE.shape[1])
+    log_esp_TK = _log_esp_prefixes(_dp_input(logits_TE), k_max)[-1]
+    return torch.logsumexp(log_esp_TK[:, k_min:], dim=-1)
+
+
+def subset_log_prob(
+    logits_TE: torch.Tensor, mask_TE: torch.Tensor, k_min: int, k_max: int
+) -> torch.Tensor:
+    """Log-probability of given subsets under the constrained distribution.
+
+    ``log p(S) = Σ_{e∈S} θ_e − log Z`` for ``k_min <= |S| <= k_max``, and ``-inf`` outside it.
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        mask_TE: subsets as a boolean mask, shape [T, E].
+        k_min: smallest allowed subset size, as in :func:`subset_log_partition`.
+        k_max: largest allowed subset size, as in :func:`subset_log_partition`.
+
+    Returns:
+        Tensor [T], differentiable with respect to the logits.
+
+    """
+    _check_logits(logits_TE)
+    if mask_TE.shape != logits_TE.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask_TE.shape)} must equal logits shape {tuple(logits_TE.shape)}"
+        )
+    theta_TE = _dp_input(logits_TE)
+    log_z_T = subset_log_partition(theta_TE, k_min, k_max)
+    mask_TE = mask_TE.bool()
+    score_T = torch.where(mask_TE, theta_TE, torch.zeros_like(theta_TE)).sum(dim=-1)
+    size_T = mask_TE.sum(dim=-1)
+    in_range_T = (size_T >= k_min) & (size_T <= k_max)
+    return torch.where(in_range_T, score_T - log_z_T, torch.full_like(log_z_T, float("-inf")))
+
+
+def exact_marginals(logits_TE: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
+    """Exact inclusion marginals ``μ_e = P(e ∈ S)`` of the constrained subset distribution.
+
+    ``μ_e = Σ_{S∋e} p(S) = ∂ log Z / ∂θ_e`` with ``log Z`` from :func:`subset_log_partition`,
+    obtained by autograd on the DP. When the logits require grad the derivative is taken with
+    ``create_graph=True``, so ``μ`` is itself differentiable with respect to the logits
+    (``∂μ_e/∂θ_f = Cov(1[e∈S], 1[f∈S])``) and gradients flow on to whatever produced the logits.
+    Works under ``torch.no_grad()`` too (the DP graph is built locally).
+
+    ``Σ_e μ_e = E[|S|]``, which is ``k`` for exact-k routing. With ``k_min = 0, k_max = E`` the
+    constraint vanishes and ``μ = sigmoid(θ)``.
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        k_min: smallest allowed subset size, as in :func:`subset_log_partition`.
+        k_max: largest allowed subset size, as in :func:`subset_log_partition`.
+
+    Returns:
+        Tensor [T, E] (float32 for half-precision logits, else the logits' dtype).
+
+    """
+    _check_logits(logits_TE)
+    _check_size_range(k_min, k_max, logits_TE.shape[1])
+    differentiable = logits_TE.requires_grad
+    with torch.enable_grad():
+        if differentiable:
+            theta_TE = _dp_input(logits_TE)  # stays in the caller's graph
+        else:
+            theta_TE = _dp_input(logits_TE.detach()).requires_grad_(True)
+        log_z_T = subset_log_partition(theta_TE, k_min, k_max)
+        # Rows are independent, so the gradient of the sum is the per-row gradient.
+        (marginals_TE,) = torch.autograd.grad(log_z_T.sum(), theta_TE, create_graph=differentiable)
+    return marginals_TE
+
+
+@torch.no_grad()
+def sample_subsets(
+    logits_TE: torch.Tensor,
+    k_min: int,
+    k_max: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one subset per token exactly from ``p(S) ∝ Π_{e∈S} exp θ_e``, ``k_min<=|S|<=k_max``.
+
+    Two stages, both exact:
+
+    1. the size: ``P(|S| = j) = e_j(exp θ) / Z`` for ``j`` in ``[k_min, k_max]``;
+    2. given the size, walk the DP table backwards from the last expert to the first. With
+       ``r`` experts still to pick among experts ``0..e``, include expert ``e`` with probability
+       ``exp(θ_e + log e_{r-1}(θ_{0..e-1}) − log e_r(θ_{0..e}))``; when ``r = e + 1`` every
+       remaining expert must be picked and inclusion is forced (which also guards against
+       rounding).
+
+    Vectorised over tokens; the only Python loop runs over experts. Not differentiable (use
+    :func:`exact_marginals` with :func:`simple_straight_through` for the gradient).
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E].
+        k_min: smallest allowed subset size, as in :func:`subset_log_partition`.
+        k_max: largest allowed subset size, as in :func:`subset_log_partition`.
+        generator: optional ``torch.Generator`` on the logits' device, for reproducible draws.
+
+    Returns:
+        ``(mask_TE, sizes_T)``: a bool mask with exactly ``sizes_T[t]`` True entries in row ``t``,
+        and the sampled sizes (int64).
+
+    """
+    _check_logits(logits_TE)
+    num_tokens, num_experts = logits_TE.shape
+    _check_size_range(k_min, k_max, num_experts)
+    theta_TE = _dp_input(logits_TE.detach())
+    log_esp_TPK = torch.stack(_log_esp_prefixes(theta_TE, k_max), dim=1)
+
+    # Stage 1: the size, from the last prefix (all experts) restricted to [k_min, k_max].
+    size_probs_TK = torch.softmax(log_esp_TPK[:, num_experts, k_min:], dim=-1)
+    sizes_T = torch.multinomial(size_probs_TK, 1, generator=generator).squeeze(1) + k_min
+
+    # Stage 2: backward walk. One uniform per (token, expert), drawn up front.
+    uniform_TE = torch.rand(
+        (num_tokens, num_experts), generator=generator, dtype=theta_TE.dtype, device=theta_TE.device
+    )
+    mask_TE = torch.zeros((num_tokens, num_experts), dtype=torch.bool, device=theta_TE.device)
+    remaining_T = sizes_T.clone()
+    for e in reversed(range(num_experts)):
+        # Invariant: remaining <= e + 1, so both table cells below are finite.
+        prev_idx_T1 = (remaining_T - 1).clamp(min=0).unsqueeze(1)
+        log_without_T = log_esp_TPK[:, e].gather(1, prev_idx_T1).squeeze(1)
+        log_with_T = log_esp_TPK[:, e + 1].gather(1, remaining_T.unsqueeze(1)).squeeze(1)
+        include_prob_T = torch.exp(theta_TE[:, e] + log_without_T - log_with_T)
+        forced_T = remaining_T > e  # remaining == e + 1: experts 0..e must all be taken
+        include_T = (remaining_T > 0) & (forced_T | (uniform_TE[:, e] < include_prob_T))
+        mask_TE[:, e] = include_T
+        remaining_T = remaining_T - include_T.long()
+    return mask_TE, sizes_T
+
+
+def simple_straight_through(mask_TE: torch.Tensor, marginals_TE: torch.Tensor) -> torch.Tensor:
+    """Build the SIMPLE gate: forward the hard mask, backpropagate through the marginals.
+
+    Mathematically ``mask − μ.detach() + μ``; computed as ``mask + (μ − μ.detach())`` so the
+    forward value is bit-for-bit the hard 0/1 mask, and ``∂out/∂θ = ∂μ/∂θ``.
+
+    Args:
+        mask_TE: sampled subsets, bool (or 0/1) of shape [T, E].
+        marginals_TE: exact marginals μ from :func:`exact_marginals`, shape [T, E].
+
+    Returns:
+        Tensor [T, E] in the marginals' dtype.
+
+    """
+    if mask_TE.shape != marginals_TE.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask_TE.shape)} must equal marginals shape "
+            f"{tuple(marginals_TE.shape)}"
+        )
+    return mask_TE.to(marginals_TE.dtype) + (marginals_TE - marginals_TE.detach())
+
+
+def topk_of(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Deterministic top-k expert indices per row, e.g. of the marginals for evaluation.
+
+    Sorted by descending score; ties go to the lower expert index (stable sort), so the result
+    does not depend on the backend's ``topk`` tie-breaking.
+
+    Args:
+        scores_TE: scores, shape [T, E].
+        k: number of experts, ``1 <= k <= E``.
+
+    Returns:
+        LongTensor [T, k].
+
+    """
+    _check_logits(scores_TE)
+    num_experts = scores_TE.shape[1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must be in [1, E={num_experts}]")
+    order_TE = torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices
+    return order_TE[:, :k]
+
+
+def mask_to_indices(mask_TE: torch.Tensor, k_max: int, pad: int = -1) -> torch.Tensor:
+    """Expert ids of each row's subset, ascending, right-padded with ``pad`` to width ``k_max``.
+
+    For variable-size routes: row ``t`` holds ``sorted({e : mask[t, e]})`` followed by
+    ``k_max − |S_t|`` copies of ``pad``. Raises if a row has more than ``k_max`` experts
+    (that would silently drop experts). ``k_max`` may exceed E (extra columns are all ``pad``).
+
+    Args:
+        mask_TE: bool (or 0/1) mask, shape [T, E].
+        k_max: output width (>= 0).
+        pad: fill value for unused slots.
+
+    Returns:
+        LongTensor [T, k_max].
+
+    """
+    if mask_TE.dim() != 2:
+        raise ValueError(f"mask must be 2-D [tokens, experts], got shape {tuple(mask_TE.shape)}")
+    if k_max < 0:
+        raise ValueError(f"k_max={k_max} must be >= 0")
+    mask_TE = mask_TE.bool()
+    num_tokens, num_experts = mask_TE.shape
+    if num_tokens > 0:
+        largest = int(mask_TE.sum(dim=-1).max())
+        if largest > k_max:
+            raise ValueError(f"a row selects {largest} experts, more than k_max={k_max}")
+    expert_ids_TE = torch.arange(num_experts, device=mask_TE.device).expand(num_tokens, -1)
+    # Selected experts sort first (by id), unselected ones after them (key offset by E).
+    key_TE = torch.where(mask_TE, expert_ids_TE, expert_ids_TE + num_experts)
+    width = min(k_max, num_experts)
+    sorted_key_TK = torch.sort(key_TE, dim=-1).values[:, :width]
+    ids_TK = torch.where(
+        sorted_key_TK < num_experts, sorted_key_TK, torch.full_like(sorted_key_TK, pad)
+    )
+    if k_max > width:
+        ids_TK = F.pad(ids_TK, (0, k_max - width), value=pad)
+    return ids_TK

@@ -1,0 +1,1 @@
+"""Test and benchmark support: multi-rank runner and tiny-model helpers."""

@@ -1,0 +1,34 @@
+"""Packaging for pr2_megatron: Predictive Routing Replay for RL on MoE models in Megatron-core."""
+
+from setuptools import find_packages, setup
+
+# CI and the CPU quickstart pin these; the code itself probes newer megatron-core APIs
+# (0.17-0.19) at run time in pr2_megatron/compat.py.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "numpy",
+    "packaging",
+    "PyYAML",
+    "safetensors",
+]
+
+EXTRAS = {
+    "test": ["pytest", "hypothesis", "ruff"],
+    "plots": ["matplotlib", "tensorboard"],
+    # GPU clusters add these from their own stack (an NGC PyTorch container ships them).
+    # transformer-engine is never installed on CPU machines (it breaks megatron's MoE imports
+    # there), and NVIDIA apex is built from source: the PyPI package named `apex` is unrelated.
+    "gpu": ["nvidia-ml-py"],
+}
+
+setup(
+    name="pr2_megatron",
+    version="0.1.0",
+    description="Predictive Routing Replay (PR2) for RL on Mixture-of-Experts LLMs in Megatron-core",
+    packages=find_packages(include=["pr2_megatron", "pr2_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["pr2-demo=pr2_megatron.demo:main"]},
+)

@@ -1,0 +1,46 @@
+"""Test setup: one gloo process group of size 1 for in-process tests; GPU marker."""
+
+import os
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron compiles the expert-bias update
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """World of one rank for tests that build Megatron models in the pytest process."""
+    import torch.distributed as dist
+
+    from pr2_megatron.testing.distributed import free_port
+
+    if not dist.is_initialized():
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+        )
+        dist.init_process_group(backend="gloo")
+    yield
+
+
+@pytest.fixture
+def megatron_single(single_process_group):
+    """Fresh Megatron parallel state (TP=EP=PP=1) for one test; torn down after it."""
+    from megatron.core import parallel_state
+
+    yield
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
