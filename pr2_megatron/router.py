@@ -312,6 +312,10 @@ class PR2Router(TopKRouter):
                 delta_CE,
             )
         self.predictor_losses.append(float(loss.detach()))
+        if self.config.sequence_parallel:
+            # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
+            # gradients over TP: scale so the sum is the mean over the whole sequence.
+            loss = loss / self.tp_group.size()
         return MoEAuxLossAutoScaler.apply(probs_TE, loss)
 
 

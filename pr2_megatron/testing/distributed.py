@@ -10,6 +10,7 @@ arguments and result picklable.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -44,7 +45,9 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results):
     try:
         import torch.distributed as dist
 
-        value = fn(*args, **kwargs)
+        # Plain pickle (by value): the queue's own pickler would pass tensors as shared-memory
+        # handles that die with this process.
+        value = pickle.dumps(fn(*args, **kwargs))
         results.put((rank, True, value))
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -93,7 +96,7 @@ def run_distributed(
         raise DistributedTestError(
             f"{len(failures)} of {world_size} ranks failed\n" + "\n".join(parts)
         )
-    return [outcomes[rank][1] for rank in range(world_size)]
+    return [pickle.loads(outcomes[rank][1]) for rank in range(world_size)]
 
 
 def _collect_more(results, outcomes, world_size, wait):
