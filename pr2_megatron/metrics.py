@@ -246,8 +246,11 @@ class RoutingAgreement:
                 f"layer_number {layer_number} is not in the fixed layer set "
                 f"{sorted(self._fixed_layers)}"
             )
-        agree_T = same_set(replayed_TK, live_TK)  # validates the pair
-        overlap_T = topk_overlap(replayed_TK, live_TK)
+        _check_route_pair(replayed_TK, live_TK)
+        k = live_TK.shape[1]
+        shared_T = _shared_count_T(replayed_TK, live_TK)  # one [T, K, K] compare for both
+        agree_T = shared_T == k
+        overlap_T = shared_T.to(torch.float64) / k
         old_overlap_T = None
         if old_TK is not None:
             if old_TK.shape != live_TK.shape:
@@ -279,7 +282,7 @@ class RoutingAgreement:
 
         agree_T = agree_T.to(self._device)
         sums[_PAIRS] += agree_T.numel()
-        sums[_OVL_REP] += overlap_T.to(self._device, torch.float64).sum()
+        sums[_OVL_REP] += overlap_T.to(self._device).sum()
         sums[_DISAGREE] += (~agree_T).sum()
         if old_overlap_T is not None:
             sums[_OLD_PAIRS] += old_overlap_T.numel()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +18,7 @@ from pr2_megatron.metrics import (
     same_set,
     topk_overlap,
 )
+from pr2_megatron.testing.distributed import run_distributed
 
 DTYPES = [torch.uint8, torch.int16, torch.int32, torch.int64]
 
@@ -307,47 +305,36 @@ def test_agreement_forward_ordering_errors_and_empty():
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_forwards(rank: int):
     # Forwards after the first may be empty (T = 0) on either rank.
     return make_forwards(100 + rank, n_fwd=3, layers=[1, 2, 4], E=32, K=4, with_old=True)
 
 
-def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
+def _dist_worker() -> dict:
+    dist.init_process_group("gloo")  # env:// set by run_distributed
+    rank = dist.get_rank()
+    acc = accumulate(_rank_forwards(rank))
+    acc.reduce_()
+    result = {"summary": acc.summary()}
+    # a rank with no tokens still takes part when the layer set is declared
+    empty = RoutingAgreement(layer_numbers=[1, 2, 4])
+    if rank == 0:
+        accumulate(_rank_forwards(0), empty)
+    result["declared"] = empty.reduce_().summary()
+    # mismatched layer sets are detected on every rank (no hang)
+    bad = RoutingAgreement(layer_numbers=[1, 2] if rank == 0 else [1, 3])
     try:
-        acc = accumulate(_rank_forwards(rank))
-        acc.reduce_()
-        result = {"summary": acc.summary()}
-        # a rank with no tokens still takes part when the layer set is declared
-        empty = RoutingAgreement(layer_numbers=[1, 2, 4])
-        if rank == 0:
-            accumulate(_rank_forwards(0), empty)
-        result["declared"] = empty.reduce_().summary()
-        # mismatched layer sets are detected on every rank (no hang)
-        bad = RoutingAgreement(layer_numbers=[1, 2] if rank == 0 else [1, 3])
-        try:
-            bad.reduce_()
-            result["mismatch_error"] = ""
-        except ValueError as e:
-            result["mismatch_error"] = str(e)
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+        bad.reduce_()
+        result["mismatch_error"] = ""
+    except ValueError as e:
+        result["mismatch_error"] = str(e)
+    return result
 
 
 @pytest.mark.slow
-def test_reduce_matches_single_process_on_concatenated_data(tmp_path):
+def test_reduce_matches_single_process_on_concatenated_data():
     world_size = 2
-    mp.spawn(_dist_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    results = run_distributed(_dist_worker, world_size)
     # single process: forward f of the reference = forward f of every rank, tokens concatenated
     per_rank = [_rank_forwards(r) for r in range(world_size)]
     concatenated = []
@@ -360,8 +347,7 @@ def test_reduce_matches_single_process_on_concatenated_data(tmp_path):
     want = accumulate(concatenated).summary()
     assert_summary_close(want, ref_summary(concatenated))
     only_rank0 = accumulate(per_rank[0]).summary()
-    for r in range(world_size):
-        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for result in results:
         assert_summary_close(result["summary"], want)
         assert_summary_close(result["declared"], only_rank0)
         assert "different MoE layer sets" in result["mismatch_error"]
@@ -437,6 +423,12 @@ def test_ppo_clip_fraction_hand_and_loop():
     assert ppo_clip_fraction(ratio, adv, mask) == pytest.approx(2 / 8)
     assert ppo_clip_fraction(ratio, adv, mask, eps_low=0.6, eps_high=0.6) == 0.0
     assert ppo_clip_fraction(ratio, adv, torch.zeros(9, dtype=torch.bool)) == 0.0
+    # exactly on the clip boundary (binary-exact values): clipped term == unclipped, not counted
+    on_edge = torch.tensor([0.75, 1.5, 0.75, 1.5])
+    edge_adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    edge_mask = torch.ones(4, dtype=torch.bool)
+    assert ppo_clip_fraction(on_edge, edge_adv, edge_mask, eps_low=0.25, eps_high=0.5) == 0.0
+    assert ppo_clip_fraction(on_edge, edge_adv, edge_mask, eps_low=0.125, eps_high=0.25) == 0.5
     with pytest.raises(ValueError, match="shape mismatch"):
         ppo_clip_fraction(ratio, adv[:3], mask)
     with pytest.raises(ValueError, match="eps_low"):
