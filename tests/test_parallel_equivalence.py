@@ -99,9 +99,7 @@ def test_two_rank_layout_matches_single_process(layout):
         parallel = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
         batch_of_rank = [slice(None), slice(None)]
     setup = dataclasses.replace(ref_setup, parallel=parallel)
-    results = [
-        run_distributed(_rank_entry, 2, setup, full_state, ids, labels, batch_of_rank)
-    ][0]
+    results = [run_distributed(_rank_entry, 2, setup, full_state, ids, labels, batch_of_rank)][0]
 
     for rank, res in enumerate(results):
         if layout.startswith("ep2"):
