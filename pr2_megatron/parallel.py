@@ -116,3 +116,26 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce gradients as Megatron's DDP would, for runs without its DDP wrapper.
+
+    Sequence-parallel replicated weights (norms, router, predictor) are first summed over TP
+    (each TP rank saw its own sequence chunk); then dense weights are averaged over the
+    data-parallel group and expert weights over the expert-data-parallel group.
+    """
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
+    expert_dp_group = parallel_state.get_expert_data_parallel_group()
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        if getattr(param, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(param.grad, group=tp_group)
+        group = dp_group if getattr(param, "allreduce", True) else expert_dp_group
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(param.grad, group=group)
+            param.grad /= dist.get_world_size(group)
