@@ -32,7 +32,7 @@ def _pr2_step(setup, full_state, ids, labels, batch_index):
     from megatron.core import parallel_state
 
     from pr2_megatron.api import RoutingController
-    from pr2_megatron.testing.moe import _global_names, build, load_full_state
+    from pr2_megatron.testing.moe import global_parameters, build, load_full_state
 
     model = build(setup)
     load_full_state(model, full_state)
@@ -51,7 +51,7 @@ def _pr2_step(setup, full_state, ids, labels, batch_index):
     ctl.finish()
     grads = {
         name: param.grad.detach().clone()
-        for name, param in _global_names(model).items()
+        for name, param in global_parameters(model).items()
         if param.grad is not None and ("router" in name or "local_experts" in name)
     }
     return {

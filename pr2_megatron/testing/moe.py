@@ -36,11 +36,11 @@ def build(setup: TinySetup, router: str = "pr2"):
 
 def global_state_dict(model) -> dict[str, torch.Tensor]:
     """State of a single-process model keyed by global layer and expert index (detached copies)."""
-    return {name: tensor.detach().clone() for name, tensor in _global_names(model).items()}
+    return {name: tensor.detach().clone() for name, tensor in global_parameters(model).items()}
 
 
-def _global_names(model) -> dict[str, torch.Tensor]:
-    """Map each parameter of ``model`` (any layout) to its global name."""
+def global_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Each parameter of ``model`` (any layout) under its global (single-process) name."""
     from megatron.core import parallel_state
 
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -70,7 +70,7 @@ def load_full_state(model, full_state: dict[str, torch.Tensor]) -> None:
     etp_size = parallel_state.get_expert_tensor_parallel_world_size()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     with torch.no_grad():
-        for name, param in _global_names(model).items():
+        for name, param in global_parameters(model).items():
             full = full_state[name]
             if getattr(param, "tensor_model_parallel", False):
                 size, rank = (
