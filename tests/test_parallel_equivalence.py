@@ -32,7 +32,7 @@ def _pr2_step(setup, full_state, ids, labels, batch_index):
     from megatron.core import parallel_state
 
     from pr2_megatron.api import RoutingController
-    from pr2_megatron.testing.moe import global_parameters, build, load_full_state
+    from pr2_megatron.testing.moe import build, global_parameters, load_full_state
 
     model = build(setup)
     load_full_state(model, full_state)
