@@ -27,6 +27,9 @@ class MegatronFeatures:
     has_is_checkpointing: bool
     #: Transformer Engine importable (GPU clusters, NGC containers).
     have_te: bool
+    #: ``TopKRouter.__init__(..., is_mtp_layer=...)``: newer cores (0.19.2) build every router
+    #: with this keyword from ``MoELayer``; 0.16.1 neither passes nor accepts it.
+    router_init_has_is_mtp_layer: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -35,8 +38,10 @@ def megatron_features() -> MegatronFeatures:
     from megatron.core import package_info
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_layer, moe_utils
+    from megatron.core.transformer.moe.router import TopKRouter
 
     routing_params = inspect.signature(moe_utils.topk_routing_with_score_function).parameters
+    router_init_params = inspect.signature(TopKRouter.__init__).parameters
     submodule_fields = getattr(moe_layer.MoESubmodules, "__dataclass_fields__", {})
     return MegatronFeatures(
         version=package_info.__version__,
@@ -44,6 +49,7 @@ def megatron_features() -> MegatronFeatures:
         moe_submodules_has_router="router" in submodule_fields,
         has_is_checkpointing=callable(getattr(mcore_random, "is_checkpointing", None)),
         have_te=_have_transformer_engine(),
+        router_init_has_is_mtp_layer="is_mtp_layer" in router_init_params,
     )
 
 

@@ -110,10 +110,13 @@ class PR2Router(TopKRouter):
         config,
         pg_collection=None,
         pr2_config: Optional[PR2RouterConfig] = None,
+        is_mtp_layer: bool = False,
     ) -> None:
-        require_router_seam()
+        features = require_router_seam()
         _check_config_supports_replay(config)
-        super().__init__(config=config, pg_collection=pg_collection)
+        # Newer cores (0.19.2) build routers with is_mtp_layer=...; 0.16.1 has no such argument.
+        extra = {"is_mtp_layer": is_mtp_layer} if features.router_init_has_is_mtp_layer else {}
+        super().__init__(config=config, pg_collection=pg_collection, **extra)
         self.pr2_config = pr2_config or PR2RouterConfig()
         self.predictor = EvolutionPredictor(
             config.hidden_size, config.num_moe_experts, config.sequence_parallel
@@ -329,6 +332,11 @@ def _check_config_supports_replay(config) -> None:
         )
     if config.moe_router_load_balancing_type == "sinkhorn":
         raise ValueError("moe_router_load_balancing_type='sinkhorn' bypasses route replay")
+    if config.moe_router_load_balancing_type == "quantile_balancing":
+        # Newer cores (0.19.2): picks experts itself (precomputed_indices), ignoring replay.
+        raise ValueError(
+            "moe_router_load_balancing_type='quantile_balancing' bypasses route replay"
+        )
     if config.moe_router_fusion:
         raise ValueError("moe_router_fusion=True (TE fused router) bypasses route replay")
     if config.moe_expert_capacity_factor is not None:
@@ -338,6 +346,9 @@ def _check_config_supports_replay(config) -> None:
         )
     if config.moe_router_force_load_balancing:
         raise ValueError("moe_router_force_load_balancing replaces logits with random ones")
+    # Config field of newer cores (0.19.2) only; PR2Router.forward does not apply it.
+    if getattr(config, "moe_router_force_biased", None) is not None:
+        raise ValueError("moe_router_force_biased (benchmark logit bias) is not supported by PR2")
 
 
 def pr2_router_builder(pr2_config: Optional[PR2RouterConfig] = None):

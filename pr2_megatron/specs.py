@@ -9,6 +9,7 @@ spec when TE is importable and for the local spec otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -35,7 +36,31 @@ def with_router(spec, router_builder):
                     spec.submodules, mlp=with_router(mlp, router_builder)
                 )
                 return dataclasses.replace(spec, submodules=submodules)
+    if isinstance(spec, functools.partial) and _is_moe_builder(spec):
+        # Newer cores (0.19.2) spell the MoE layer as a builder,
+        # functools.partial(MoELayer, submodules=MoESubmodules(...)), instead of a ModuleSpec.
+        submodules = dataclasses.replace(spec.keywords["submodules"], router=router_builder)
+        keywords = {**spec.keywords, "submodules": submodules}
+        return functools.partial(spec.func, *spec.args, **keywords)
     return spec
+
+
+def _is_moe_builder(spec: functools.partial) -> bool:
+    return (
+        isinstance(spec.func, type)
+        and issubclass(spec.func, MoELayer)
+        and isinstance(spec.keywords.get("submodules"), MoESubmodules)
+    )
+
+
+def _router_of(layer_spec):
+    """The router builder of a layer spec's MoE MLP, or None for a dense layer."""
+    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
+    if isinstance(mlp, ModuleSpec) and isinstance(mlp.submodules, MoESubmodules):
+        return mlp.submodules.router
+    if isinstance(mlp, functools.partial) and _is_moe_builder(mlp):
+        return mlp.keywords["submodules"].router
+    return None
 
 
 def _is_moe_spec(spec: ModuleSpec) -> bool:
@@ -87,7 +112,16 @@ def pr2_decoder_block_spec(
         megatron_features().have_te if use_transformer_engine is None else use_transformer_engine
     )
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
-    block = with_router(block, router_builder or pr2_router_builder(pr2_config))
+    builder = router_builder or pr2_router_builder(pr2_config)
+    block = with_router(block, builder)
+    if config.num_moe_experts and not any(
+        _router_of(layer) is builder for layer in block.layer_specs
+    ):
+        # A spec shape with_router does not know would silently keep the stock router.
+        raise RuntimeError(
+            "pr2_decoder_block_spec found no MoE layer spec to give the PR2 router; the "
+            "installed megatron-core spells MoE layers in a form with_router does not know"
+        )
     if not use_te:
         from pr2_megatron.cpu import SequenceParallelTorchNorm
 
