@@ -211,7 +211,9 @@ class PR2Router(TopKRouter):
         if self._will_be_recomputed():
             self._recompute_routes.append(chosen_TK)
 
-        keys_T = self._next_token_keys(logits_TE.shape[0])
+        # Token keys (running positions) pair cached rollout tokens with training tokens.
+        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
+        keys_T = self._next_token_keys(logits_TE.shape[0]) if needs_keys else None
         if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
             self.recorded.append(chosen_TK.detach())
         if self.phase == RoutingPhase.PREDICT:
