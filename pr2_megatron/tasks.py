@@ -1,0 +1,109 @@
+"""Verifiable synthetic tasks with exact-match rewards and a character tokenizer.
+
+A prompt is ``<bos> operand [+ operand] =``; the answer is digits followed by ``<eos>``.
+Tasks: ``reverse`` (digits reversed), ``sort`` (digits ascending), ``copy`` and ``add`` (the sum
+of two numbers). The reward of a response is 1.0 when it is exactly the answer (digits then
+``<eos>``), else 0.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD, BOS, EOS, EQUALS, PLUS = 0, 1, 2, 3, 4
+DIGIT0 = 5  # '0'..'9' -> 5..14
+VOCAB_USED = DIGIT0 + 10
+_SYMBOLS = {PAD: "_", BOS: "^", EOS: "$", EQUALS: "=", PLUS: "+"}
+
+
+def encode_digits(text: str) -> list[int]:
+    """Token ids of a digit string."""
+    if not text.isdigit():
+        raise ValueError(f"expected digits, got {text!r}")
+    return [DIGIT0 + int(c) for c in text]
+
+
+def decode(tokens) -> str:
+    """Readable text of token ids (``^`` bos, ``$`` eos, ``_`` pad)."""
+    out = []
+    for token in tokens:
+        token = int(token)
+        if DIGIT0 <= token < DIGIT0 + 10:
+            out.append(str(token - DIGIT0))
+        else:
+            out.append(_SYMBOLS.get(token, f"<{token}>"))
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt and its exact answer (token ids, answer without ``<eos>``)."""
+
+    prompt: tuple[int, ...]
+    answer: tuple[int, ...]
+
+
+class Task:
+    """A task family: sample problems, score responses."""
+
+    def __init__(self, name: str, min_digits: int, max_digits: int) -> None:
+        if name not in ("reverse", "sort", "copy", "add"):
+            raise ValueError(f"task.name must be reverse, sort, copy or add; got {name!r}")
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(f"task digits need 1 <= min <= max, got {min_digits}, {max_digits}")
+        self.name, self.min_digits, self.max_digits = name, min_digits, max_digits
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt in tokens."""
+        operands = 2 if self.name == "add" else 1
+        return 1 + operands * self.max_digits + (operands - 1) + 1
+
+    @property
+    def max_answer_len(self) -> int:
+        """Longest answer in tokens, ``<eos>`` included."""
+        return self.max_digits + (1 if self.name == "add" else 0) + 1
+
+    def _number(self, generator: torch.Generator) -> str:
+        digits = int(torch.randint(self.min_digits, self.max_digits + 1, (1,), generator=generator))
+        values = torch.randint(0, 10, (digits,), generator=generator).tolist()
+        return "".join(str(v) for v in values)
+
+    def sample(self, count: int, generator: torch.Generator) -> list[Problem]:
+        """``count`` problems drawn with ``generator``."""
+        problems = []
+        for _ in range(count):
+            a = self._number(generator)
+            if self.name == "add":
+                b = self._number(generator)
+                prompt = [BOS, *encode_digits(a), PLUS, *encode_digits(b), EQUALS]
+                answer = str(int(a) + int(b))
+            else:
+                prompt = [BOS, *encode_digits(a), EQUALS]
+                answer = {"reverse": a[::-1], "sort": "".join(sorted(a)), "copy": a}[self.name]
+            problems.append(Problem(tuple(prompt), tuple(encode_digits(answer))))
+        return problems
+
+    @staticmethod
+    def reward(problem: Problem, response: list[int]) -> float:
+        """1.0 when ``response`` is exactly the answer followed by ``<eos>``, else 0.0."""
+        return float(list(response) == [*problem.answer, EOS])
+
+
+def supervised_batch(
+    problems: list[Problem], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``ids [B, seq_len]``, ``labels`` and a loss mask on the answer tokens."""
+    ids = torch.full((len(problems), seq_len), PAD, dtype=torch.long)
+    labels = torch.full_like(ids, PAD)
+    mask = torch.zeros(len(problems), seq_len)
+    for row, problem in enumerate(problems):
+        full = [*problem.prompt, *problem.answer, EOS]
+        if len(full) - 1 > seq_len:
+            raise ValueError(f"problem of {len(full)} tokens does not fit seq_len={seq_len}")
+        ids[row, : len(full) - 1] = torch.tensor(full[:-1])
+        labels[row, : len(full) - 1] = torch.tensor(full[1:])
+        mask[row, len(problem.prompt) - 1 : len(full) - 1] = 1.0
+    return ids, labels, mask
