@@ -14,7 +14,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "hypothesis", "ruff"],
+    # transformers: tests/test_convert_hf.py builds tiny Qwen3-MoE/OLMoE models locally (no
+    # download); 5.x works with torch 2.13 and keeps the fused-expert layout the converter reads.
+    "test": ["pytest", "hypothesis", "ruff", "transformers==5.23.0"],
     "plots": ["matplotlib", "tensorboard"],
     # GPU clusters add these from their own stack (an NGC PyTorch container ships them).
     # transformer-engine is never installed on CPU machines (it breaks megatron's MoE imports
@@ -25,10 +27,16 @@ EXTRAS = {
 setup(
     name="pr2_megatron",
     version="0.1.0",
-    description="Predictive Routing Replay (PR2) for RL on Mixture-of-Experts LLMs in Megatron-core",
+    description="Predictive Routing Replay (PR2) for RL on MoE LLMs in Megatron-core",
     packages=find_packages(include=["pr2_megatron", "pr2_megatron.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["pr2-demo=pr2_megatron.demo:main"]},
+    entry_points={
+        "console_scripts": [
+            "pr2-demo=pr2_megatron.demo:main",
+            "pr2-train=pr2_megatron.train:main",
+            "pr2-compare=pr2_megatron.compare:main",
+        ]
+    },
 )

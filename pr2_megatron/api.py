@@ -59,6 +59,17 @@ class RoutingController:
         """Routed experts per layer."""
         return self.routers[0].num_experts if self.routers else 0
 
+    @property
+    def route_id_bound(self) -> int:
+        """Route ids lie in ``[0, route_id_bound)``: E, or E + K with variable-size routes.
+
+        ProbMoE dynamic-k fills empty slot j of a row with ``E + j``. Pass it as ``num_experts``
+        of route tables, so that they hold padded rows unchanged.
+        """
+        if not self.routers:
+            return 0
+        return getattr(self.routers[0], "route_id_bound", self.routers[0].num_experts)
+
     # ----------------------------------------------------------------------------- phases
     def set_phase(
         self, phase: RoutingPhase, *, train_predictor: bool = False, collect_metrics: bool = False
@@ -110,9 +121,44 @@ class RoutingController:
             old = None if old_routes_TLK is None else old_routes_TLK[:, index]
             router.push_target(routes_TLK[:, index], old)
 
+    def set_token_keys(self, keys_T: torch.Tensor, groups_T: torch.Tensor) -> None:
+        """Name the next forward's tokens for the predictor's feature cache (every MoE layer).
+
+        Needed when rollout and training forwards differ in layout (generation steps at rollout,
+        other micro-batches in training): the same key must name the same token in both.
+        ``keys_T``/``groups_T`` are ``[T]`` in Megatron's flattened ``[S, B]`` order (the rank's
+        SP chunk); key -1 skips a token. See :meth:`PR2Router.push_token_keys`.
+        """
+        for router in self.routers:
+            router.push_token_keys(keys_T, groups_T)
+
+    def forward_routes(self) -> list[dict[str, torch.Tensor]]:
+        """Per forward of this pass: ``used`` (dispatched) and ``live`` (top-k) ``[T, L, K]``.
+
+        ``record``: both are the live top-k. ``replay`` with ``collect_metrics``: the replayed
+        route and the live router's own top-k at that moment.
+        """
+        if self.phase == RoutingPhase.RECORD:
+            return [{"used": r, "live": r} for r in self.collect_routes()]
+        if self.phase == RoutingPhase.REPLAY:
+            used = self._stack_per_forward(
+                [[rec["replayed"] for rec in r.metric_records] for r in self.routers]
+            )
+            live = self._stack_per_forward(
+                [[rec["live"] for rec in r.metric_records] for r in self.routers]
+            )
+            return [{"used": u, "live": v} for u, v in zip(used, live)]
+        raise RouteError(f"forward_routes needs the record or replay phase, not {self.phase.value}")
+
     def validate_routes(self, routes_TLK: torch.Tensor, what: str = "routes") -> None:
-        """Shape, id range and k distinct experts per row; errors name the layer and the row."""
+        """Shape, id range and k distinct experts per row; errors name the layer and the row.
+
+        Ids range over ``[0, route_id_bound)``: variable-size routes (ProbMoE dynamic-k) fill
+        empty slots with distinct ids ``>= E``; the router checks each row's size at replay.
+        """
         expected = (len(self.routers), self.topk)
+        if not self.routers and routes_TLK.dim() == 3:
+            expected = (0, routes_TLK.shape[2])  # a pipeline stage without MoE layers: any k
         if routes_TLK.dim() != 3 or tuple(routes_TLK.shape[1:]) != expected:
             raise ValueError(
                 f"{what} must have shape [tokens, {expected[0]} MoE layers "
@@ -121,12 +167,13 @@ class RoutingController:
         if routes_TLK.dtype.is_floating_point or routes_TLK.dtype == torch.bool:
             raise ValueError(f"{what} must hold integer expert ids, got {routes_TLK.dtype}")
         ids = routes_TLK.long()
-        bad = (ids < 0) | (ids >= self.num_experts)
+        bound = self.route_id_bound
+        bad = (ids < 0) | (ids >= bound)
         if bad.any():
             row, layer, slot = (int(i) for i in torch.nonzero(bad)[0])
             raise ValueError(
                 f"{what}: MoE layer {self.layer_numbers[layer]}, token row {row}: expert id "
-                f"{int(ids[row, layer, slot])} is outside [0, {self.num_experts})"
+                f"{int(ids[row, layer, slot])} is outside [0, {bound})"
             )
         sorted_ids = ids.sort(dim=-1).values
         dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1)

@@ -29,6 +29,7 @@ import yaml
 
 from pr2_megatron.model import MoEModelConfig
 from pr2_megatron.parallel import ParallelConfig
+from pr2_megatron.probmoe_router import ProbMoEConfig
 from pr2_megatron.router import PR2RouterConfig
 
 
@@ -43,8 +44,10 @@ class RouterConfig:
     #: ``pr2`` (records/replays routes, predictor), ``topk`` (Megatron's stock ``TopKRouter``:
     #: no replay, only ``replay.mode=none``) or ``probmoe`` (probabilistic k-subset routing).
     kind: Literal["topk", "pr2", "probmoe"] = "pr2"
-    #: PR2 router settings (used by ``kind: pr2``).
+    #: PR2 router settings (``kind: pr2``; the predictor also exists under ``kind: probmoe``).
     pr2: PR2RouterConfig = field(default_factory=PR2RouterConfig)
+    #: ProbMoE settings (``kind: probmoe``): exact-k or dynamic-k subsets, gates, sampling.
+    probmoe: ProbMoEConfig = field(default_factory=ProbMoEConfig)
 
 
 @dataclass
@@ -312,6 +315,12 @@ def _convert(hint: Any, value: Any, *, source: str, key: str):
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads ``1e-4`` (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         raise bad
     if hint is str:
         if isinstance(value, str):

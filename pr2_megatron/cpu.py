@@ -148,6 +148,13 @@ def enable_cpu_bringup() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+    # Multi-latent attention (DeepSeek-V3, Moonlight) checks isinstance(x, TELinear); without TE
+    # that name is a placeholder object, not a type, and the check raises TypeError.
+    from megatron.core.transformer import multi_latent_attention
+
+    if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
+        multi_latent_attention.TELinear = type("NoTELinear", (), {})
+
     _ENABLED = True
     logger.info("CPU bring-up enabled for megatron-core (gloo, CPU RNG tracker)")
 

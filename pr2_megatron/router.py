@@ -131,6 +131,7 @@ class PR2Router(TopKRouter):
         self._targets: collections.deque[torch.Tensor] = collections.deque()
         self._old_targets: collections.deque[Optional[torch.Tensor]] = collections.deque()
         self._recompute_routes: collections.deque[torch.Tensor] = collections.deque()
+        self._token_keys: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
         self.recorded: list[torch.Tensor] = []
         self.recorded_live: list[torch.Tensor] = []
         self.metric_records: list[dict[str, torch.Tensor]] = []
@@ -159,6 +160,7 @@ class PR2Router(TopKRouter):
         self._targets.clear()
         self._old_targets.clear()
         self._recompute_routes.clear()
+        self._token_keys.clear()
         self.recorded = []
         self.recorded_live = []
         self.metric_records = []
@@ -173,9 +175,26 @@ class PR2Router(TopKRouter):
         self._targets.append(target_TK)
         self._old_targets.append(old_TK)
 
+    def push_token_keys(self, keys_T: torch.Tensor, groups_T: torch.Tensor) -> None:
+        """Name the tokens of the next forward for the feature cache (predict, predictor training).
+
+        ``keys_T`` identify tokens across passes (e.g. ``sample_id * max_len + position``); a key
+        of -1 marks a token the cache must skip (a padding position, a position already offered
+        by an earlier generation step). ``groups_T`` is each token's response id (the cache
+        samples at most T_c tokens per response). Without keys, running positions within the
+        pass are used, which pair rollout and training tokens only when both passes run the
+        same forwards in the same order.
+        """
+        if keys_T.shape != groups_T.shape or keys_T.dim() != 1:
+            raise ValueError(
+                f"token keys {tuple(keys_T.shape)} and groups {tuple(groups_T.shape)} must be "
+                "equal-length vectors"
+            )
+        self._token_keys.append((keys_T.long().cpu(), groups_T.long().cpu()))
+
     def pending_targets(self) -> int:
-        """Targets queued and not yet consumed by a forward."""
-        return len(self._targets)
+        """Targets (and token keys) queued and not yet consumed by a forward."""
+        return len(self._targets) + len(self._token_keys)
 
     # ------------------------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -200,11 +219,8 @@ class PR2Router(TopKRouter):
         else:
             target_TK = None
 
-        # Gates always come from the live scores at the chosen experts: Megatron's routing.
-        self._selector.target_TK = target_TK
-        probs_TE, routing_map_TE = self.routing(logits_SBE, padding_mask=padding_mask)
-        chosen_TK = self._selector.chosen_TK
-        self._selector.target_TK = self._selector.chosen_TK = None
+        # Gates always come from the live scores at the chosen experts.
+        probs_TE, routing_map_TE, chosen_TK = self._route(logits_SBE, target_TK, padding_mask)
 
         if recomputing:
             return probs_TE, routing_map_TE
@@ -213,14 +229,30 @@ class PR2Router(TopKRouter):
 
         # Token keys (running positions) pair cached rollout tokens with training tokens.
         needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
-        keys_T = self._next_token_keys(logits_TE.shape[0]) if needs_keys else None
+        keys_T = groups_T = None
+        if needs_keys and self._token_keys:
+            keys_T, groups_T = self._token_keys.popleft()
+            if keys_T.numel() != logits_TE.shape[0]:
+                raise RouteError(
+                    f"MoE layer {self.layer_number}: {keys_T.numel()} token keys for a forward "
+                    f"of {logits_TE.shape[0]} tokens"
+                )
+        elif needs_keys:
+            keys_T = self._next_token_keys(logits_TE.shape[0])
         if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
             self.recorded.append(chosen_TK.detach())
         if self.phase == RoutingPhase.PREDICT:
             live_TK = self._topk_indices(logits_TE.detach())
             self.recorded_live.append(live_TK)
-            groups_T = self._next_groups(logits_SBE.shape[:2])
-            self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
+            if groups_T is None:
+                groups_T = self._next_groups(logits_SBE.shape[:2])
+            keep_T = keys_T >= 0
+            self.feature_cache.add(
+                keys_T[keep_T],
+                groups_T[keep_T],
+                hidden_TH[keep_T.to(hidden_TH.device)],
+                logits_TE[keep_T.to(logits_TE.device)],
+            )
             if self.collect_metrics:
                 self.metric_records.append(
                     {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
@@ -234,6 +266,20 @@ class PR2Router(TopKRouter):
         return probs_TE, routing_map_TE
 
     # ------------------------------------------------------------------------------ helpers
+    def _route(self, logits_SBE, target_TK, padding_mask=None):
+        """Experts and gates of one forward: ``(probs_TE, routing_map_TE, chosen_TK)``.
+
+        ``target_TK`` is the route to dispatch (replayed, predicted or recomputed), None for the
+        live choice. Here Megatron's own routing does the math (score function, scaling, aux
+        losses), picking ``target_TK`` through the ``router_replay`` hook; subclasses override
+        this to choose experts another way (e.g. ProbMoE's subset sampling).
+        """
+        self._selector.target_TK = target_TK
+        probs_TE, routing_map_TE = self.routing(logits_SBE, padding_mask=padding_mask)
+        chosen_TK = self._selector.chosen_TK
+        self._selector.target_TK = self._selector.chosen_TK = None
+        return probs_TE, routing_map_TE, chosen_TK
+
     def _topk_indices(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Experts Megatron's routing would pick for these logits (score fn, bias, groups)."""
         selector = _ExpertSelector()

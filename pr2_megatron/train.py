@@ -97,7 +97,7 @@ class Trainer:
         self.per_rank = _per_rank_samples(cfg, self.dp_size)
         kwargs = {}
         if cfg.router.kind == "probmoe":
-            kwargs["probmoe"] = getattr(cfg.router, "probmoe", None)
+            kwargs["probmoe"] = cfg.router.probmoe
         self.model = build_gpt_moe(
             cfg.model, cfg.parallel, cfg.router.pr2, router=cfg.router.kind, **kwargs
         )
@@ -315,7 +315,7 @@ class Trainer:
                 [m.routes_SBLK.reshape(-1, *m.routes_SBLK.shape[2:]) for m in micro],
                 [sample_ids[lo : lo + mbs] for lo in range(0, self.per_rank, mbs)],
                 layer_numbers=self.controller.layer_numbers,
-                num_experts=self.controller.num_experts,
+                num_experts=self.controller.route_id_bound,
                 topk=self.controller.topk,
                 old_routes_per_forward=[
                     m.live_routes_SBLK.reshape(-1, *m.live_routes_SBLK.shape[2:]) for m in micro
@@ -396,7 +396,7 @@ class Trainer:
                 self.controller.collect_routes(),
                 [[sample_ids[r] for r in rows] for rows in groups],
                 layer_numbers=self.controller.layer_numbers,
-                num_experts=self.controller.num_experts,
+                num_experts=self.controller.route_id_bound,
                 topk=self.controller.topk,
                 lengths_per_forward=[[batch["input_lens"][r] for r in rows] for rows in groups],
                 data_group=self.ps.get_data_parallel_group(),
