@@ -17,7 +17,7 @@ EXTRAS = {
     # transformers: tests/test_convert_hf.py builds tiny Qwen3-MoE/OLMoE models locally (no
     # download); 5.x works with torch 2.13 and keeps the fused-expert layout the converter reads.
     "test": ["pytest", "hypothesis", "ruff", "transformers==5.23.0"],
-    "plots": ["matplotlib", "tensorboard"],
+    "plots": ["matplotlib==3.11.2", "tensorboard==2.21.0"],
     # GPU clusters add these from their own stack (an NGC PyTorch container ships them).
     # transformer-engine is never installed on CPU machines (it breaks megatron's MoE imports
     # there), and NVIDIA apex is built from source: the PyPI package named `apex` is unrelated.

@@ -69,6 +69,9 @@ class Trainer:
         from pr2_megatron.tasks import VOCAB_USED, Task
 
         self.cfg = cfg
+        # Handlers first: a signal while the model is being built must not kill the rank.
+        self.stop = _StopFlag()
+        self.stop.install()
         initialize_parallel(cfg.parallel, seed=cfg.seed)
         _check_supported_layout(cfg)
         self.ps = parallel_state
@@ -105,10 +108,15 @@ class Trainer:
         self.optimizer = self._optimizer(cfg.optim.lr)
         self.step = 0
         self.warm_started = False
-        self.stop = _StopFlag()
         self.log = RunLog(cfg.logging.dir, enabled=self.rank0, tensorboard=cfg.logging.tensorboard)
+        from pr2_megatron.gpu_monitor import GPUMonitor, detect_gpu_stack
+
+        self.gpu_monitor = GPUMonitor(enabled=cfg.logging.gpu_monitor and torch.cuda.is_available())
         if self.rank0:
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
+            print(f"pr2-train: {detect_gpu_stack().describe()}", flush=True)
+            if cfg.logging.gpu_monitor and not torch.cuda.is_available():
+                print("pr2-train: GPU monitoring off (no CUDA device)", flush=True)
 
     # ------------------------------------------------------------------------- setup pieces
     def _optimizer(self, lr: float):
@@ -197,6 +205,10 @@ class Trainer:
         self.controller.off()
         start = time.time()
         for i in range(warm.steps):
+            if i % 10 == 9 and self.stop_requested():
+                if self.rank0:
+                    print(f"pr2-train: signal during warm start (iteration {i})", flush=True)
+                return
             problems = self.task.sample(warm.batch_size // self.dp_size, self._generator(1, i))
             ids, labels, mask = supervised_batch(problems, self.seq_len)
             logp = self.token_logprobs(ids, labels, temperature=1.0)
@@ -571,31 +583,40 @@ class Trainer:
         }
         for key, value in rollout_metrics.items():
             record[key] = self._dp_mean(value)
+        record.update(self.gpu_monitor.sample())
         return record
 
     # ---------------------------------------------------------------------------------- run
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 (collective: every rank must call it)."""
+        stop = torch.tensor([1.0 if self.stop.raised else 0.0])
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
     def run(self) -> int:
-        """Resume if possible, warm start, RL steps; returns the process exit code."""
-        self.stop.install()
+        """Resume if possible, warm start, RL steps; returns the process exit code.
+
+        A signal during the warm start stops it at the next check (every 10 iterations) and
+        saves a step-0 checkpoint without the warm start: a resumed run warm-starts again.
+        """
         self.maybe_resume()
         self.warm_start()
         ckpt = self.cfg.checkpoint
-        while self.step < self.cfg.steps:
+        stop = self.warm_started is False and self.stop_requested()
+        while self.step < self.cfg.steps and not stop:
             self.rl_step()
-            stop = torch.tensor([1.0 if self.stop.raised else 0.0])
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            stop = self.stop_requested()
             due = ckpt.dir and ckpt.interval and self.step % ckpt.interval == 0
-            if ckpt.dir and (due or stop.item() or self.step == self.cfg.steps):
+            if ckpt.dir and (due or stop or self.step == self.cfg.steps):
                 self.save()
-            if stop.item():
-                if self.rank0:
-                    if ckpt.dir:
-                        (Path(ckpt.dir) / STOPPED_BY_SIGNAL).write_text(f"{self.step}\n")
-                    print(f"pr2-train: stopping on signal after step {self.step}", flush=True)
-                break
-        else:
-            if self.rank0 and ckpt.dir:
-                (Path(ckpt.dir) / STOPPED_BY_SIGNAL).unlink(missing_ok=True)
+        if stop and not self.warm_started and ckpt.dir:
+            self.save()
+        if stop and self.rank0:
+            if ckpt.dir:
+                (Path(ckpt.dir) / STOPPED_BY_SIGNAL).write_text(f"{self.step}\n")
+            print(f"pr2-train: stopping on signal after step {self.step}", flush=True)
+        elif not stop and self.rank0 and ckpt.dir:
+            (Path(ckpt.dir) / STOPPED_BY_SIGNAL).unlink(missing_ok=True)
         self.log.close()
         return 0
 
