@@ -114,8 +114,10 @@ def pr2_decoder_block_spec(
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage)
     builder = router_builder or pr2_router_builder(pr2_config)
     block = with_router(block, builder)
-    if config.num_moe_experts and not any(
-        _router_of(layer) is builder for layer in block.layer_specs
+    if (
+        config.num_moe_experts
+        and _stage_has_moe_layer(config, len(block.layer_specs), vp_stage)
+        and not any(_router_of(layer) is builder for layer in block.layer_specs)
     ):
         # A spec shape with_router does not know would silently keep the stock router.
         raise RuntimeError(
@@ -127,3 +129,18 @@ def pr2_decoder_block_spec(
 
         block = with_norm(block, SequenceParallelTorchNorm)
     return block
+
+
+def _stage_has_moe_layer(config, num_local_layers: int, vp_stage: Optional[int]) -> bool:
+    """Whether this pipeline stage (VPP chunk) builds an MoE layer per ``moe_layer_freq``."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if getattr(config, "pipeline_model_parallel_layout", None) is not None:
+        return True  # custom layouts: keep the check
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        pattern = [int(i % freq == 0) for i in range(config.num_layers)]
+    else:
+        pattern = list(freq)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    return any(pattern[offset : offset + num_local_layers])

@@ -3,15 +3,20 @@
 A reference model built in one process has the *full* parameters; :func:`load_full_state` copies
 them into a model built under any TP/EP/PP layout (each rank takes its slice), so a distributed
 run can be compared with the single-process reference on identical weights.
+:func:`forward_backward` runs Megatron's pipeline schedules (PP, VPP) over a rank's model chunks
+(:func:`build_chunks`), on CPU too (:func:`pipeline_on_cpu`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pr2_megatron.model import MoEModelConfig, build_gpt_moe
 from pr2_megatron.parallel import ParallelConfig, initialize_parallel
@@ -129,3 +134,102 @@ def build_megatron_replay_model(setup: TinySetup):
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
+
+
+# ------------------------------------------------------------------ pipeline schedules on CPU
+class _CudaFactoriesOnCPU(TorchFunctionMode):
+    """Turns ``device="cuda"`` of tensor factories into the CPU (see :func:`pipeline_on_cpu`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def pipeline_on_cpu(model_chunks: Sequence[torch.nn.Module]):
+    """Let Megatron's pipeline schedules (``get_forward_backward_func``) run on CPU with gloo.
+
+    megatron-core 0.16.1's schedules need two things a CPU build of torch lacks:
+
+    * ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`` in all three
+      schedules (no pipelining, 1F1B, interleaved): inside this context tensor factories asked
+      for ``device="cuda"`` get the CPU (a torch function mode, active only in the context);
+    * ``batch_p2p_comm`` (on by default) is switched off in the chunks' config. With it,
+      ``torch.cuda.synchronize()`` runs after every batched p2p (``batch_p2p_sync``), and,
+      worse, on gloo the interleaved (VPP) schedule with PP=2 silently crosses messages: one
+      ``batch_isend_irecv`` posts a gradient (``send_prev``) and an activation (``send_next``)
+      to the same rank with the same tag, that rank posts its activation receive first, and
+      gloo matches them in posting order -- same shapes, so no error, wrong numbers from the
+      first steady-state micro-batch on. Megatron's unbatched path (``_p2p_ops``) posts each
+      rank's sends in the order its peer posts the receives (one group per sending rank when
+      PP=2), so nothing crosses.
+
+    On a machine with CUDA this changes nothing; on CPU the configs are restored on exit.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    configs = [chunk.config for chunk in model_chunks]
+    saved = [config.batch_p2p_comm for config in configs]
+    for config in configs:
+        config.batch_p2p_comm = False
+    try:
+        with _CudaFactoriesOnCPU():
+            yield
+    finally:
+        for config, value in zip(configs, saved):
+            config.batch_p2p_comm = value
+
+
+def forward_backward(
+    model_chunks: Sequence[torch.nn.Module],
+    forward_step_func,
+    micro_batches: Sequence,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list:
+    """Run Megatron's schedule for the current PP/VPP layout over ``micro_batches``.
+
+    Every model chunk gets its own iterator over the same micro-batches (chunks after the
+    first take their input from the previous stage, but still draw their micro-batch).
+    Returns the schedule's ``forward_data_store`` (on the last stage: what the loss function
+    returned as its last element, per micro-batch).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    chunks = list(model_chunks)
+    schedule = get_forward_backward_func()
+    with pipeline_on_cpu(chunks):
+        return schedule(
+            forward_step_func=forward_step_func,
+            data_iterator=[iter(list(micro_batches)) for _ in chunks],
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+
+def build_chunks(setup: TinySetup, router: str = "pr2") -> list[torch.nn.Module]:
+    """Initialise parallel state and build this rank's model chunks (one per VPP stage)."""
+    initialize_parallel(setup.parallel, seed=setup.seed)
+    vpp = setup.parallel.virtual_pipeline_model_parallel_size
+    stages = [None] if vpp is None else list(range(vpp))
+    return [
+        build_gpt_moe(setup.model, setup.parallel, setup.pr2, router=router, vp_stage=stage)
+        for stage in stages
+    ]
+
+
+def chunks_global_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict:
+    """:func:`global_parameters` of every chunk of a rank (VPP), in one dict."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for chunk in model_chunks:
+        out.update(global_parameters(chunk))
+    return out
