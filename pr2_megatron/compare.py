@@ -82,6 +82,7 @@ def summarize(records: list[dict]) -> dict:
         "reward_second_half": avg(half, "reward/mean"),
         "reward_final": rollouts[-1]["reward/mean"] if rollouts else float("nan"),
         "predictor_loss": avg(late, "predictor/loss"),
+        "step_seconds": avg(minis, "time/step_seconds"),
         "per_layer_overlap": {n: avg(late, f"{prefix}{n}") for n in layers},
     }
 
@@ -98,6 +99,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         ("k3 KL (all)", "k3_kl", "{:.2e}"),
         ("clip frac", "clip_fraction", "{:.4f}"),
         ("reward (2nd half)", "reward_second_half", "{:.3f}"),
+        ("step time ×none", "step_time_ratio", "{:.2f}"),
     ]
     lines = [
         "| mode | " + " | ".join(c[0] for c in columns) + " |",
@@ -198,6 +200,9 @@ def main(argv=None) -> int:
         )
         records[mode] = load_records(run_dir)
     summaries = {mode: summarize(r) for mode, r in records.items()}
+    base = summaries.get("none", next(iter(summaries.values())))["step_seconds"]
+    for summary in summaries.values():
+        summary["step_time_ratio"] = summary["step_seconds"] / base if base else float("nan")
     table = markdown_table(summaries)
     header = f"# none / r2 / r3 / pr2 on `{args.config}` {' '.join(args.overrides)}\n\n"
     (out / "summary.md").write_text(header + table)

@@ -139,6 +139,7 @@ class Trainer:
         return {
             "step": self.step,
             "warm_started": self.warm_started,
+            "previous_router_update": getattr(self, "_previous_router_update", None),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": {
@@ -159,6 +160,7 @@ class Trainer:
         get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
         self.step = int(state["step"])
         self.warm_started = bool(state["warm_started"])
+        self._previous_router_update = state.get("previous_router_update")
 
     def save(self) -> None:
         """Checkpoint after the current step (collective)."""
@@ -232,6 +234,8 @@ class Trainer:
         """``[B, S]`` log π(label) in training numerics (full vocabulary over TP)."""
         from pr2_megatron.rollout import forward_logits
 
+        for name, tokens in (("input", ids), ("label", labels)):
+            _check_token_ids(tokens, self.cfg.model.vocab_size, name)
         logits = forward_logits(self.model, ids).float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
@@ -292,6 +296,7 @@ class Trainer:
 
         cfg, step = self.cfg, self.step + 1
         start = time.time()
+        router_before = self._router_weights()
         group = cfg.rollout.group_size
         problems = self.task.sample(self.per_rank // group, self._generator(2, step))
         samples = [p for p in problems for _ in range(group)]
@@ -365,6 +370,9 @@ class Trainer:
                 table,
             )
             mini_records.append(record)
+        mini_records[-1].update(self._router_drift(router_before))
+        mini_records[-1]["time/step_seconds"] = time.time() - start
+        for mini_step, record in enumerate(mini_records, start=1):
             self.log.write(record, tb_step=(step - 1) * cfg.replay.off_n + mini_step)
         self.step = step
         if self.rank0:
@@ -376,6 +384,30 @@ class Trainer:
                 ),
                 flush=True,
             )
+
+    def _router_weights(self) -> list[torch.Tensor]:
+        return [r.weight.detach().clone() for r in self.controller.routers]
+
+    def _router_drift(self, before: list[torch.Tensor]) -> dict:
+        """How far and in which direction the routers moved in this step's mini-steps.
+
+        ``router/update_cosine_prev``: cosine between this step's router-weight update and the
+        previous step's (all layers flattened). Near 0 the drift is a random walk, which no
+        predictor trained on one rollout batch can anticipate for the next.
+        """
+        if not before:
+            return {}
+        update = torch.cat(
+            [(r.weight.detach() - b).flatten() for r, b in zip(self.controller.routers, before)]
+        )
+        out = {"router/update_norm": float(update.norm())}
+        previous = getattr(self, "_previous_router_update", None)
+        if previous is not None and previous.norm() > 0 and update.norm() > 0:
+            out["router/update_cosine_prev"] = float(
+                torch.dot(update, previous) / (update.norm() * previous.norm())
+            )
+        self._previous_router_update = update
+        return out
 
     def _rollout_token_keys(self, samples, ids):
         """Feature-cache keys for pr2 rollouts: ``sample_id * S + position``."""
@@ -435,6 +467,9 @@ class Trainer:
             tp_rank=self.tp_rank,
             tp_size=self.tp_size,
             sequence_parallel=self.cfg.parallel.sequence_parallel,
+            # Columns by global layer number, never by position: a table of other MoE layers
+            # (dense first layers counted differently) is an error, not a shifted replay.
+            layer_numbers=self.controller.layer_numbers,
             old=old,
         )
 
@@ -623,6 +658,21 @@ class Trainer:
 
 def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}{key}": value for key, value in metrics.items()}
+
+
+def _check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
+    """ValueError naming the first token id outside ``[0, vocab_size)``, its row and position.
+
+    Without it a bad id fails deep inside the embedding or the log-prob gather with a bare
+    "index out of range" on CPU, and with a device-side assert that names nothing on GPU.
+    """
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bool(bad.any()):
+        row, position = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{what} token id {int(tokens[row, position])} at sample row {row}, position "
+            f"{position} is outside the vocabulary [0, {vocab_size}) (model.vocab_size)"
+        )
 
 
 def _round_up(value: int, multiple: int) -> int:
