@@ -247,12 +247,16 @@ class PR2Router(TopKRouter):
             if groups_T is None:
                 groups_T = self._next_groups(logits_SBE.shape[:2])
             keep_T = keys_T >= 0
-            self.feature_cache.add(
-                keys_T[keep_T],
-                groups_T[keep_T],
-                hidden_TH[keep_T.to(hidden_TH.device)],
-                logits_TE[keep_T.to(logits_TE.device)],
-            )
+            if bool(keep_T.all()):
+                # Nothing to skip: no masked copy of the router inputs (costly at 16k tokens).
+                self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
+            else:
+                self.feature_cache.add(
+                    keys_T[keep_T],
+                    groups_T[keep_T],
+                    hidden_TH[keep_T.to(hidden_TH.device)],
+                    logits_TE[keep_T.to(logits_TE.device)],
+                )
             if self.collect_metrics:
                 self.metric_records.append(
                     {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
