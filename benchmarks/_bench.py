@@ -80,21 +80,10 @@ def set_threads(threads: int) -> None:
 
 def single_process_megatron(seed: int = 1234) -> None:
     """A gloo world of one rank and Megatron's parallel state (TP=EP=PP=1), CPU bring-up on."""
-    import torch.distributed as dist
-
     from pr2_megatron.parallel import ParallelConfig, initialize_parallel
-    from pr2_megatron.testing.distributed import free_port
+    from pr2_megatron.testing.distributed import init_single_process_group
 
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-        )
-        dist.init_process_group(backend="gloo")
+    init_single_process_group()
     initialize_parallel(ParallelConfig(), seed=seed)
 
 

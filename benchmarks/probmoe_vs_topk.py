@@ -39,21 +39,11 @@ VOCAB, SEQ, BATCH = 64, 32, 16
 
 
 def _single_process(seed: int) -> None:
-    import torch.distributed as dist
 
     from pr2_megatron.parallel import ParallelConfig, initialize_parallel
-    from pr2_megatron.testing.distributed import free_port
+    from pr2_megatron.testing.distributed import init_single_process_group
 
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-        )
-        dist.init_process_group(backend="gloo")
+    init_single_process_group()
     initialize_parallel(ParallelConfig(), seed=seed)
 
 

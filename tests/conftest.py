@@ -20,19 +20,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def single_process_group():
     """World of one rank for tests that build Megatron models in the pytest process."""
-    import torch.distributed as dist
+    from pr2_megatron.testing.distributed import init_single_process_group
 
-    from pr2_megatron.testing.distributed import free_port
-
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-        )
-        dist.init_process_group(backend="gloo")
+    init_single_process_group()
     yield
 
 

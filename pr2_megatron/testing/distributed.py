@@ -106,3 +106,20 @@ def _collect_more(results, outcomes, world_size, wait):
         except queue.Empty:
             return
         outcomes[rank] = (ok, value)
+
+
+def init_single_process_group() -> None:
+    """Join a gloo world of one rank (tests and benchmarks that build models in-process)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+    )
+    dist.init_process_group(backend="gloo")
