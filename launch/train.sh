@@ -25,6 +25,9 @@ if [[ -n ${DRY_RUN:-} ]]; then
   exit 0
 fi
 export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torchrun restarts (--max-restarts) hang in init_process_group when workers share the
+# agent's rendezvous store (pytorch/pytorch#135712); a store of their own avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 
 # shellcheck disable=SC2317  # invoked by the traps

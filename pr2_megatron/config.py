@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -124,6 +125,13 @@ class GRPOConfig:
     #: Added to the group's reward std before dividing.
     advantage_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"grpo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        for name in ("eps_low", "eps_high", "advantage_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class OptimConfig:
@@ -139,6 +147,14 @@ class OptimConfig:
     #: Clip the global gradient norm to this (0 disables clipping).
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+
 
 @dataclass
 class WarmStartConfig:
@@ -149,6 +165,14 @@ class WarmStartConfig:
     #: Learning rate and sequences per step (over all data-parallel ranks).
     lr: float = 3e-3
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"warm_start.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"warm_start.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr < 0:
+            raise ValueError(f"warm_start.lr must be >= 0, got {self.lr}")
 
 
 @dataclass
@@ -163,6 +187,12 @@ class CheckpointConfig:
     resume: bool = True
     #: Complete checkpoints kept (older ones are deleted after a new one is complete).
     keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep must be >= 0 (0 keeps all), got {self.keep}")
 
 
 @dataclass
@@ -198,6 +228,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.replay.mode != "none" and self.router.kind == "topk":
             raise ValueError(
                 f"replay.mode={self.replay.mode!r} needs a router that replays "
@@ -270,9 +302,11 @@ def from_dict(cls: type, data: Any, *, source: str = "<dict>", prefix: str = "")
         kwargs[key] = _convert(hints[key], value, source=source, key=f"{prefix}{key}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ArithmeticError) as error:
         if isinstance(error, ConfigError):
             raise
+        if isinstance(error, ArithmeticError):  # e.g. a size of 0 in a divisibility check
+            raise ConfigError(f"{source}: invalid values in {where}: {error}") from None
         raise ConfigError(f"{source}: {error}") from None
 
 
@@ -313,15 +347,16 @@ def _convert(hint: Any, value: Any, *, source: str, key: str):
             return value
         raise bad
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
             # YAML 1.1 reads ``1e-4`` (no dot) as a string; accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {key} = {value!r} is not a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

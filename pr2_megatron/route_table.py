@@ -20,6 +20,7 @@ Legend for shape-suffixed names:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ _MAX_EXPERTS_INT32 = 2**31 - 1
 _TENSOR_KEYS = ("routes_TLK", "cu_seqlens", "sample_ids")
 _OPTIONAL_TENSOR_KEYS = ("old_routes_TLK",)
 _METADATA_KEYS = ("format", "format_version", "layer_numbers", "num_experts", "topk")
+#: Metadata key of the SHA-256 over metadata and tensors (optional: files of older writers lack it).
+_CHECKSUM_KEY = "sha256"
 
 IntArray = Union[torch.Tensor, np.ndarray]
 SampleIds = Union[Sequence[int], torch.Tensor, np.ndarray]
@@ -571,6 +574,7 @@ class RouteTable:
             "num_experts": str(self.num_experts),
             "topk": str(self.topk),
         }
+        metadata[_CHECKSUM_KEY] = _checksum(metadata, tensors)
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
@@ -584,8 +588,8 @@ class RouteTable:
         """Read and validate a table written by :meth:`save`.
 
         Raises ValueError naming the path for a file that is not a readable safetensors route
-        table (truncated, corrupt, pickle, missing keys, wrong format version, invalid routes);
-        the file is never unpickled.
+        table (truncated, corrupt, pickle, missing keys, wrong format version, invalid routes,
+        contents that do not match the SHA-256 written at save); the file is never unpickled.
         """
         path = Path(path)
         if not path.is_file():
@@ -608,6 +612,12 @@ class RouteTable:
         missing = [k for k in _METADATA_KEYS if k not in metadata]
         if missing:
             raise ValueError(f"{path}: not a route table file: missing metadata {missing}")
+        if _CHECKSUM_KEY in metadata and metadata[_CHECKSUM_KEY] != _checksum(metadata, tensors):
+            # safetensors has no checksum: a flipped bit in an id or a layer number would load.
+            raise ValueError(
+                f"{path}: corrupt route table file (contents do not match the SHA-256 written "
+                "at save)"
+            )
         if metadata["format"] != FILE_FORMAT:
             raise ValueError(f"{path}: format is {metadata['format']!r}, expected {FILE_FORMAT!r}")
         if metadata["format_version"] != str(FORMAT_VERSION):
@@ -640,6 +650,18 @@ class RouteTable:
         except ValueError as e:
             raise ValueError(f"{path}: invalid route table: {e}") from e
         return table
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the metadata (less the checksum) and every tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != _CHECKSUM_KEY}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"|{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _describe(x: object) -> str:
