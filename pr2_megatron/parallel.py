@@ -94,7 +94,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> torch.dev
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     parallel.check_world_size(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        release_parallel_state()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -116,6 +116,24 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_parallel_state() -> None:
+    """Forget Megatron's parallel state *and* shut its process groups down.
+
+    ``destroy_model_parallel`` only drops Megatron's references; the groups stay alive in
+    torch (gloo keeps threads per group), so a process that initialises parallel state many
+    times (a test session) piles up thousands of idle threads. Every group except the default
+    one belongs to the parallel state being replaced.
+    """
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    parallel_state.destroy_model_parallel()
+    default = distributed_c10d._get_default_group()
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
 
 
 def average_gradients(model: torch.nn.Module) -> None:

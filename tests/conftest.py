@@ -29,8 +29,7 @@ def single_process_group():
 @pytest.fixture
 def megatron_single(single_process_group):
     """Fresh Megatron parallel state (TP=EP=PP=1) for one test; torn down after it."""
-    from megatron.core import parallel_state
+    from pr2_megatron.parallel import release_parallel_state
 
     yield
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    release_parallel_state()
