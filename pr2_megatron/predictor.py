@@ -101,9 +101,17 @@ class FeatureCache:
         hidden_TH: torch.Tensor,
         logits_TE: torch.Tensor,
     ) -> None:
-        """Offer one forward's tokens to the cache (router inputs and logits, detached)."""
+        """Offer one forward's tokens to the cache (router inputs and logits, detached).
+
+        Tokens with a negative key are not offered (padding, positions offered by an earlier
+        generation step); their rows are skipped without copying the others.
+        """
         limit = self.max_tokens_per_group
         keys_T, groups_T = keys_T.cpu().long(), groups_T.cpu().long()
+        rows_T = None  # rows of hidden/logits behind keys_T when some tokens are skipped
+        if bool((keys_T < 0).any()):
+            rows_T = torch.nonzero(keys_T >= 0).squeeze(1)
+            keys_T, groups_T = keys_T[rows_T], groups_T[rows_T]
         priority_T = torch.rand(keys_T.numel(), generator=self._generator)
         known_T = torch.zeros(keys_T.numel(), dtype=torch.bool)
         admit = torch.arange(keys_T.numel())
@@ -121,13 +129,14 @@ class FeatureCache:
             admit = admit[keep].sort().values
         if admit.numel() == 0:
             return
-        if admit.numel() == keys_T.numel():
+        if rows_T is None and admit.numel() == keys_T.numel():
             # Everything offered is kept: copy without a gather (bf16 router inputs, fp32 logits).
             hidden_CH = hidden_TH.detach().to("cpu", torch.bfloat16, copy=True)
             logits_CE = logits_TE.detach().to("cpu", torch.float32, copy=True)
         else:
-            hidden_CH = hidden_TH.detach()[admit.to(hidden_TH.device)].to("cpu", torch.bfloat16)
-            logits_CE = logits_TE.detach()[admit.to(logits_TE.device)].to("cpu", torch.float32)
+            source = admit if rows_T is None else rows_T[admit]
+            hidden_CH = hidden_TH.detach()[source.to(hidden_TH.device)].to("cpu", torch.bfloat16)
+            logits_CE = logits_TE.detach()[source.to(logits_TE.device)].to("cpu", torch.float32)
             keys_T, groups_T, priority_T = keys_T[admit], groups_T[admit], priority_T[admit]
             known_T = known_T[admit]
         self._chunks.append(CachedFeatures(keys_C=keys_T, hidden_CH=hidden_CH, logits_CE=logits_CE))

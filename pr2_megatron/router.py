@@ -227,18 +227,11 @@ class PR2Router(TopKRouter):
         if self._will_be_recomputed():
             self._recompute_routes.append(chosen_TK)
 
-        # Token keys (running positions) pair cached rollout tokens with training tokens.
+        # Token keys pair cached rollout tokens with training tokens.
         needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
         keys_T = groups_T = None
-        if needs_keys and self._token_keys:
-            keys_T, groups_T = self._token_keys.popleft()
-            if keys_T.numel() != logits_TE.shape[0]:
-                raise RouteError(
-                    f"MoE layer {self.layer_number}: {keys_T.numel()} token keys for a forward "
-                    f"of {logits_TE.shape[0]} tokens"
-                )
-        elif needs_keys:
-            keys_T = self._next_token_keys(logits_TE.shape[0])
+        if needs_keys:
+            keys_T, groups_T = self._token_keys_of_forward(logits_TE.shape[0])
         if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
             self.recorded.append(chosen_TK.detach())
         if self.phase == RoutingPhase.PREDICT:
@@ -246,17 +239,7 @@ class PR2Router(TopKRouter):
             self.recorded_live.append(live_TK)
             if groups_T is None:
                 groups_T = self._next_groups(logits_SBE.shape[:2])
-            keep_T = keys_T >= 0
-            if bool(keep_T.all()):
-                # Nothing to skip: no masked copy of the router inputs (costly at 16k tokens).
-                self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
-            else:
-                self.feature_cache.add(
-                    keys_T[keep_T],
-                    groups_T[keep_T],
-                    hidden_TH[keep_T.to(hidden_TH.device)],
-                    logits_TE[keep_T.to(logits_TE.device)],
-                )
+            self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
             if self.collect_metrics:
                 self.metric_records.append(
                     {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
@@ -334,6 +317,21 @@ class PR2Router(TopKRouter):
             and torch._C._current_graph_task_id() == -1
             and self.training
         )
+
+    def _token_keys_of_forward(self, num_tokens: int):
+        """``(keys_T, groups_T)``: the keys queued by ``push_token_keys``, else running positions.
+
+        ``groups_T`` is None for running positions (the caller derives responses from [S, B]).
+        """
+        if not self._token_keys:
+            return self._next_token_keys(num_tokens), None
+        keys_T, groups_T = self._token_keys.popleft()
+        if keys_T.numel() != num_tokens:
+            raise RouteError(
+                f"MoE layer {self.layer_number}: {keys_T.numel()} token keys for a forward "
+                f"of {num_tokens} tokens"
+            )
+        return keys_T, groups_T
 
     def _next_token_keys(self, num_tokens: int) -> torch.Tensor:
         """Token keys of this forward: running positions within the pass."""

@@ -151,3 +151,18 @@ def test_trained_predictor_anticipates_router_drift_better_than_plain_replay():
     late_predicted = sum(predicted_overlap[-4:]) / 4
     late_old = sum(old_overlap[-4:]) / 4
     assert late_predicted > late_old + 0.01, (predicted_overlap, old_overlap)
+
+
+def test_cache_skips_negative_keys_like_offering_only_the_others():
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.tensor([0, -1, 2, 3, -1, 5, 6, 7])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    hidden = torch.randn(8, 4, generator=generator)
+    logits = torch.randn(8, 3, generator=generator)
+    skipping, filtered = FeatureCache(2, seed=9), FeatureCache(2, seed=9)
+    skipping.add(keys, groups, hidden, logits)
+    keep = keys >= 0
+    filtered.add(keys[keep], groups[keep], hidden[keep], logits[keep])
+    a, b = skipping.features(), filtered.features()
+    assert torch.equal(a.keys_C, b.keys_C) and (a.keys_C >= 0).all()
+    assert torch.equal(a.hidden_CH, b.hidden_CH) and torch.equal(a.logits_CE, b.logits_CE)
