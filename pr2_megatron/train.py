@@ -309,7 +309,7 @@ class Trainer:
         micro = []
         mbs = cfg.rollout.micro_batch_size
         for lo in range(0, self.per_rank, mbs):
-            keys = self._rollout_token_keys(samples[lo : lo + mbs], sample_ids[lo : lo + mbs])
+            keys = self._rollout_token_keys(sample_ids[lo : lo + mbs])
             micro.append(
                 generate(
                     self.model,
@@ -409,7 +409,7 @@ class Trainer:
         self._previous_router_update = update
         return out
 
-    def _rollout_token_keys(self, samples, ids):
+    def _rollout_token_keys(self, ids):
         """Feature-cache keys for pr2 rollouts: ``sample_id * S + position``."""
         if self.cfg.replay.mode != "pr2":
             return None
@@ -431,7 +431,9 @@ class Trainer:
         with torch.no_grad():
             for rows in groups:
                 if mode in ("r3", "pr2"):
-                    self._set_targets(table, table, rows, batch, sample_ids)
+                    self.controller.set_targets(
+                        *self._rollout_routes(table, rows, batch, sample_ids)
+                    )
                 ids, labels = batch["ids"][rows], batch["labels"][rows]
                 out.append(self.token_logprobs(ids, labels, self.cfg.rollout.temperature))
         r2_table = None
@@ -473,10 +475,12 @@ class Trainer:
             old=old,
         )
 
-    def _set_targets(self, replay_table, rollout_table, rows, batch, sample_ids) -> None:
-        targets = self._targets(replay_table, rows, batch, sample_ids)
-        old = self._targets(rollout_table, rows, batch, sample_ids, old=True)
-        self.controller.set_targets(targets, old)
+    def _rollout_routes(self, table, rows, batch, sample_ids):
+        """``(route, live top-k)`` ``[T, L, K]`` of these rows as the rollout captured them."""
+        return (
+            self._targets(table, rows, batch, sample_ids),
+            self._targets(table, rows, batch, sample_ids, old=True),
+        )
 
     def _mini_step(
         self, step, mini_step, rows, batch, sample_ids, advantages, old_logp, replay_table, table
@@ -498,9 +502,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logp_all, ratio_all = [], []
         micro_rows = self._train_micro_batches(rows)
-        for mrows in micro_rows:
+        rollout = [
+            self._rollout_routes(table, m, batch, sample_ids) if table is not None else (None, None)
+            for m in micro_rows
+        ]
+        for mrows, (rollout_route, rollout_live) in zip(micro_rows, rollout):
             if mode != "none":
-                self._set_targets(replay_table, table, mrows, batch, sample_ids)
+                targets = rollout_route
+                if replay_table is not table:  # r2: the routes of the old-log-prob pass
+                    targets = self._targets(replay_table, mrows, batch, sample_ids)
+                self.controller.set_targets(targets, rollout_live)
                 if train_predictor:
                     keys, groups = self._train_token_keys(mrows, sample_ids)
                     self.controller.set_token_keys(keys, groups)
@@ -528,10 +539,9 @@ class Trainer:
         consistency = RoutingAgreement(self.controller.layer_numbers)
         if self.controller.routers:
             forwards = self.controller.forward_routes()
-            for mrows, routes in zip(micro_rows, forwards):
+            for mrows, routes, (route, route_live) in zip(micro_rows, forwards, rollout):
                 keep = self._token_rows(batch["mask"][mrows])
-                rollout_route = self._targets(table, mrows, batch, sample_ids)[keep]
-                rollout_live = self._targets(table, mrows, batch, sample_ids, old=True)[keep]
+                rollout_route, rollout_live = route[keep], route_live[keep]
                 used, live = routes["used"][keep], routes["live"][keep]
                 compared = rollout_route if mode == "none" else used
                 agreement.begin_forward()
