@@ -309,7 +309,7 @@ def test_a_skipped_training_forward_is_a_route_error_at_finish(megatron_single, 
 
 def test_a_replay_forward_without_a_target_is_a_route_error(megatron_single, tmp_path):
     trainer = _trainer(tmp_path, "replay.mode=r3")
-    trainer._set_targets = lambda *args, **kwargs: None  # targets never handed over
+    trainer.controller.set_targets = lambda *args, **kwargs: None  # targets never handed over
     with pytest.raises(RouteError, match="MoE layer 1: replay forward without a target"):
         trainer.rl_step()
     # In the training pass with gradients too (not only the no-grad old-log-prob pass).
