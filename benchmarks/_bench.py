@@ -80,7 +80,7 @@ def set_threads(threads: int) -> None:
 
 def single_process_megatron(seed: int = 1234) -> None:
     """A gloo world of one rank and Megatron's parallel state (TP=EP=PP=1), CPU bring-up on."""
-    from pr2_megatron.parallel import ParallelConfig, initialize_parallel
+    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
     from pr2_megatron.testing.distributed import init_single_process_group
 
     init_single_process_group()

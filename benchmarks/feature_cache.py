@@ -32,7 +32,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron compiles the exper
 import torch
 from _bench import default_out, interleaved, markdown_table, median, set_threads, table, write_json
 
-from pr2_megatron.predictor import FeatureCache, _smallest_per_group
+from pr2_megatron.routing.feature_cache import FeatureCache, _smallest_per_group
 
 MODELS = {
     # name: (hidden H, experts E, MoE layers)
@@ -194,10 +194,10 @@ def _cost_row(kind, forwards, tc, tokens_per_forward, samples) -> dict:
 # ---------------------------------------------------------------------------- 3. accuracy
 def drift_overlap(tc: int, seed: int, seq: int, rollouts: int, mini_steps: int) -> dict:
     """Late overlap with the future live route: PR2 (cache of T_c tokens) vs plain replay."""
-    from pr2_megatron.api import RoutingController
     from pr2_megatron.metrics import topk_overlap
-    from pr2_megatron.model import MoEModelConfig
-    from pr2_megatron.router import PR2RouterConfig
+    from pr2_megatron.models.builder import MoEModelConfig
+    from pr2_megatron.routing.controller import RoutingController
+    from pr2_megatron.routing.router import PR2RouterConfig
     from pr2_megatron.testing.moe import TinySetup, build, token_batch
 
     topk = 2
@@ -225,7 +225,7 @@ def drift_overlap(tc: int, seed: int, seq: int, rollouts: int, mini_steps: int) 
         ctl.predict()
         with torch.no_grad():
             model(ids, positions, None)
-        predicted, old = ctl.collect_routes()[0], ctl.collect_live_routes()[0]
+        predicted, old = ctl.collect_routes()[0], ctl.collect_plain_routes()[0]
         for step in range(1, mini_steps + 1):
             ctl.replay(train_predictor=step >= 2)
             ctl.set_targets(predicted, old)

@@ -3,16 +3,15 @@
 Prints two tables and writes JSON (``--out``, default ``outputs/bench_probmoe.json``):
 
 1. A short supervised warm start (next-token prediction on the arithmetic sequences of
-   :func:`pr2_megatron.demo.synthetic_batch`, one process, CPU) of the same tiny GPT-MoE with
-   Megatron's stock ``TopKRouter`` and with the ProbMoE router (exact-k with SIMPLE gates,
-   exact-k with marginal gates, dynamic-k). Same initial weights, same batches. Reported: the
+   :func:`pr2_megatron.examples.minimal_loop.synthetic_batch`, one process, CPU) of the same tiny
+   GPT-MoE with Megatron's stock ``TopKRouter`` and with the ProbMoE router (exact-k with SIMPLE
+   gates, exact-k with marginal gates, dynamic-k). Same initial weights, same batches. Reported: the
    training loss averaged over windows of steps (the loss curve), the held-out loss with
-   deterministic routing at the end, the coefficient of variation of tokens per expert (std /
-   mean over experts, averaged over MoE layers; 0 = perfectly balanced) over the last quarter of
-   training and at evaluation, experts per token, and the time of a training step
-   (forward + backward + Adam) as the median of per-step ratios to top-k. The variants' steps
-   are interleaved (one step of each, in rotated order), so a slow phase of the shared machine
-   hits all of them alike.
+   deterministic routing at the end, the coefficient of variation of tokens per expert (std / mean
+   over experts, averaged over MoE layers; 0 = perfectly balanced) over the last quarter of training
+   and at evaluation, experts per token, and the time of a training step (forward + backward + Adam)
+   as the median of per-step ratios to top-k. The variants' steps are interleaved (one step of each,
+   in rotated order), so a slow phase of the shared machine hits all of them alike.
 2. Router-only cost: forward + backward of one router on a batch of tokens, ProbMoE exact-k
    against ``TopKRouter``, at the E/k of the tiny model and of OLMoE (64 experts, top-8).
 
@@ -40,7 +39,7 @@ VOCAB, SEQ, BATCH = 64, 32, 16
 
 def _single_process(seed: int) -> None:
 
-    from pr2_megatron.parallel import ParallelConfig, initialize_parallel
+    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
     from pr2_megatron.testing.distributed import init_single_process_group
 
     init_single_process_group()
@@ -48,7 +47,7 @@ def _single_process(seed: int) -> None:
 
 
 def _variants():
-    from pr2_megatron.probmoe_router import ProbMoEConfig
+    from pr2_megatron.routing.probmoe.router import ProbMoEConfig
 
     return {
         "topk": dict(topk=2, router="topk", probmoe=None),
@@ -96,9 +95,9 @@ class _LoadCounter:
 
 
 def warm_start(steps: int, lr: float, seed: int, threads: int) -> dict:
-    from pr2_megatron.demo import synthetic_batch
-    from pr2_megatron.model import MoEModelConfig, build_gpt_moe
-    from pr2_megatron.parallel import ParallelConfig, initialize_parallel
+    from pr2_megatron.examples.minimal_loop import synthetic_batch
+    from pr2_megatron.models.builder import MoEModelConfig, build_gpt_moe
+    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
 
     torch.set_num_threads(threads)
     variants = _variants()
@@ -169,9 +168,9 @@ def warm_start(steps: int, lr: float, seed: int, threads: int) -> dict:
 
 
 def router_cost(tokens: int, repeats: int, seed: int) -> list[dict]:
-    from pr2_megatron.model import MoEModelConfig, build_gpt_moe
-    from pr2_megatron.parallel import ParallelConfig, initialize_parallel
-    from pr2_megatron.probmoe_router import ProbMoEConfig
+    from pr2_megatron.models.builder import MoEModelConfig, build_gpt_moe
+    from pr2_megatron.routing.probmoe.router import ProbMoEConfig
+    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
 
     rows = []
     for experts, topk in ((8, 2), (64, 8)):

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from _bench import default_out, markdown_table, median, table, write_json
 
-from pr2_megatron.route_table import RouteTable, route_dtype
+from pr2_megatron.routes.table import RouteTable, route_dtype
 from pr2_megatron.testing.distributed import run_distributed
 
 MODELS = {
@@ -99,7 +99,7 @@ def _timed(fn) -> float:
 
 def _gather_timing(tokens_list, layer_list, topk, experts, repeats, seq_len):
     """In each rank: interleaved timings of the three ways to gather one micro-batch's routes."""
-    from pr2_megatron.route_comm import gather_route_table
+    from pr2_megatron.routes.gather import gather_route_table
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -58,10 +58,10 @@ def build_layer(kind: str, hidden: int, experts: int, topk: int, ffn: int, cache
     from megatron.core.transformer.moe.router_replay import RouterReplay
     from megatron.core.transformer.spec_utils import build_module
 
-    from pr2_megatron.model import MoEModelConfig, transformer_config
-    from pr2_megatron.parallel import ParallelConfig
-    from pr2_megatron.router import PR2RouterConfig, pr2_router_builder
-    from pr2_megatron.specs import pr2_decoder_block_spec
+    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
+    from pr2_megatron.routing.router import PR2RouterConfig, pr2_router_builder
+    from pr2_megatron.routing.specs import pr2_decoder_block_spec
+    from pr2_megatron.runtime.parallel import ParallelConfig
 
     model = MoEModelConfig(
         num_layers=1,
@@ -90,7 +90,7 @@ def build_layer(kind: str, hidden: int, experts: int, topk: int, ffn: int, cache
 def run(args) -> dict:
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    from pr2_megatron.router import RoutingPhase
+    from pr2_megatron.routing.router import RoutingPhase
 
     sizes = dict(QUICK if args.quick else FULL)
     for key in ("hidden", "experts", "topk", "ffn", "seq", "batch", "repeats"):

@@ -48,7 +48,7 @@ from _bench import (
     write_json,
 )
 
-from pr2_megatron.route_table import route_dtype
+from pr2_megatron.routes.table import route_dtype
 
 # Real models: hidden, experts, top-k, expert FFN, shared-expert FFN, MoE layers.
 REAL = {
@@ -59,8 +59,8 @@ REAL = {
 
 
 def _config(hidden: int, experts: int, topk: int, ffn: int = 512, layers: int = 1):
-    from pr2_megatron.model import MoEModelConfig, transformer_config
-    from pr2_megatron.parallel import ParallelConfig
+    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
+    from pr2_megatron.runtime.parallel import ParallelConfig
 
     model = MoEModelConfig(
         num_layers=layers,
@@ -79,7 +79,7 @@ def router_pair(hidden: int, experts: int, topk: int):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from pr2_megatron.router import PR2Router, PR2RouterConfig
+    from pr2_megatron.routing.router import PR2Router, PR2RouterConfig
 
     config = _config(hidden, experts, topk)
     pg = get_default_pg_collection()
@@ -97,7 +97,7 @@ def router_pair(hidden: int, experts: int, topk: int):
 
 def router_overheads(tokens: int, hidden: int, experts: int, topk: int, repeats: int) -> dict:
     """Median per-repeat overheads (seconds) of PR2 over the stock router at one size."""
-    from pr2_megatron.router import RoutingPhase
+    from pr2_megatron.routing.router import RoutingPhase
 
     stock, pr2 = router_pair(hidden, experts, topk)
     seq, batch = tokens // 4, 4
@@ -210,8 +210,8 @@ def layers_axis(layer_counts: list[int], repeats: int, hidden: int, seq: int) ->
 
 
 def _layers_point(layers: int, repeats: int, hidden: int, seq: int) -> dict:
-    from pr2_megatron.api import RoutingController
-    from pr2_megatron.model import MoEModelConfig
+    from pr2_megatron.models.builder import MoEModelConfig
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import (
         TinySetup,
         build,

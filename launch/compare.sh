@@ -13,7 +13,7 @@ CONFIG=${CONFIG:-configs/tiny.yaml}
 OUT=${OUT:-runs/compare}
 MODES=${MODES:-none,r2,r3,pr2}
 NPROC=${NPROC:-2}
-cmd=("$PYTHON" -m pr2_megatron.compare --config "$CONFIG" --out "$OUT" --modes "$MODES"
+cmd=("$PYTHON" -m pr2_megatron.rl.compare --config "$CONFIG" --out "$OUT" --modes "$MODES"
   --nproc "$NPROC" "$@")
 if [[ -n ${DRY_RUN:-} ]]; then
   echo "${cmd[@]}"

@@ -5,7 +5,7 @@
 #   NPROC=1 CONFIG=configs/tiny.yaml bash launch/train.sh parallel.expert_model_parallel_size=1
 #   DRY_RUN=1 bash launch/train.sh steps=5                  # print the command, run nothing
 # Environment (default in brackets): NPROC ranks [2], CONFIG [configs/tiny.yaml], PYTHON
-# [python3], TRAIN_MODULE [pr2_megatron.train], DRY_RUN []. Install first: bash launch/setup.sh.
+# [python3], TRAIN_MODULE [pr2_megatron.rl.train], DRY_RUN []. Install first: bash launch/setup.sh.
 #
 # Stopping cleanly: `kill -USR1 <pid of this script>` (or -TERM) is passed on to every rank, which
 # finishes its step, checkpoints (checkpoint.dir=...) and exits 0; a later run with the same
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 NPROC=${NPROC:-2}
 CONFIG=${CONFIG:-configs/tiny.yaml}
-TRAIN_MODULE=${TRAIN_MODULE:-pr2_megatron.train}
+TRAIN_MODULE=${TRAIN_MODULE:-pr2_megatron.rl.train}
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC"
   -m "$TRAIN_MODULE" --config "$CONFIG" "$@")
 if [[ -n ${DRY_RUN:-} ]]; then

@@ -29,7 +29,7 @@ def single_process_group():
 @pytest.fixture
 def megatron_single(single_process_group):
     """Fresh Megatron parallel state (TP=EP=PP=1) for one test; torn down after it."""
-    from pr2_megatron.parallel import release_parallel_state
+    from pr2_megatron.runtime.parallel import release_parallel_state
 
     yield
     release_parallel_state()

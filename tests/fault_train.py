@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pr2_megatron import train
+from pr2_megatron.rl import train
 
 
 def _install_kill(spec: str) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints (pr2_megatron.checkpoint): crashes during save, corrupt and hostile files, other
+"""Checkpoints (pr2_megatron.rl.checkpoint): crashes during save, corrupt and hostile files, other
 world sizes, retention. Single-process tests call the module directly (world size 1, or a
 monkeypatched rank/world); one test crashes a real rank of a 2-process gloo job mid-save."""
 
@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from pr2_megatron import checkpoint
-from pr2_megatron.checkpoint import (
+from pr2_megatron.rl import checkpoint
+from pr2_megatron.rl.checkpoint import (
     COMPLETE,
     CheckpointError,
     complete_checkpoints,

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from pr2_megatron.config import ConfigError, config_reference, load_config
+from pr2_megatron.rl.config import ConfigError, config_reference, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_docs_reference_is_current():
     # docs/config.md is generated from the dataclasses' #: comments; regenerate with
-    # `python -m pr2_megatron.config > docs/config.md`.
+    # `python -m pr2_megatron.rl.config > docs/config.md`.
     assert (ROOT / "docs" / "config.md").read_text().strip() == config_reference().strip()
 
 
@@ -19,7 +19,7 @@ def test_every_key_is_documented():
     import dataclasses
     import typing
 
-    from pr2_megatron.config import TrainConfig, field_docs
+    from pr2_megatron.rl.config import TrainConfig, field_docs
 
     def walk(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -72,7 +72,7 @@ def test_overrides_are_typed_like_yaml():
 
 
 def test_dump_round_trips(tmp_path):
-    from pr2_megatron.config import dump_yaml
+    from pr2_megatron.rl.config import dump_yaml
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["replay.mode=r3"])
     path = tmp_path / "resolved.yaml"

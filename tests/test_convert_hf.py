@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pr2_megatron.convert_hf import (  # noqa: E402
+from pr2_megatron.models.hf import (  # noqa: E402
     ConversionError,
     convert_hf_state_dict,
     load_hf_weights,
@@ -115,7 +115,7 @@ def _megatron(model_cfg):
 
 
 def _megatron_forward(model, ids):
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
 
     ctl = RoutingController(model)
     ctl.record()

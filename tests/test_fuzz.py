@@ -23,8 +23,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pr2_megatron.config import ConfigError, TrainConfig, dump_yaml, from_dict, load_config
-from pr2_megatron.route_table import RouteTable, route_dtype
+from pr2_megatron.rl.config import ConfigError, TrainConfig, dump_yaml, from_dict, load_config
+from pr2_megatron.routes.table import RouteTable, route_dtype
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -62,7 +62,7 @@ def valid_tables(draw):
         layer_numbers=layers,
         num_experts=num_experts,
         topk=topk,
-        old_routes_TLK=old.to(dtype) if draw(st.booleans()) else None,
+        plain_routes_TLK=old.to(dtype) if draw(st.booleans()) else None,
     )
 
 
@@ -112,7 +112,7 @@ def test_random_fields_are_accepted_or_rejected_with_value_error(data):
     base = data.draw(valid_tables())
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(RouteTable)}
     for name in data.draw(st.sets(st.sampled_from(sorted(fields)), min_size=1)):
-        if name in ("routes_TLK", "old_routes_TLK", "cu_seqlens", "sample_ids"):
+        if name in ("routes_TLK", "plain_routes_TLK", "cu_seqlens", "sample_ids"):
             value = data.draw(st.one_of(random_tensors(), _anything()))
         elif name == "layer_numbers":
             value = data.draw(
@@ -120,7 +120,7 @@ def test_random_fields_are_accepted_or_rejected_with_value_error(data):
             )
         else:
             value = data.draw(st.one_of(st.integers(-2, 70_000), _anything()))
-        if name == "old_routes_TLK" and value is not None and data.draw(st.booleans()):
+        if name == "plain_routes_TLK" and value is not None and data.draw(st.booleans()):
             value = fields["routes_TLK"]  # same storage: save must still work
         fields[name] = value
     table = RouteTable(**fields)
@@ -165,7 +165,7 @@ def _corruptions(table):
     out.append(("topk 0", dict(topk=0)))
     out.append(("topk > E", dict(topk=table.num_experts + 1)))
     if table.num_tokens and table.num_layers:
-        for name in ("routes_TLK", "old_routes_TLK"):
+        for name in ("routes_TLK", "plain_routes_TLK"):
             routes = getattr(table, name)
             if routes is None:
                 continue
@@ -181,8 +181,8 @@ def _corruptions(table):
                 bad = routes.clone()
                 bad[0, -1, 0] = -1
                 out.append((f"{name} negative", {name: bad}))
-    if table.old_routes_TLK is not None and table.num_tokens:
-        out.append(("old routes shorter", dict(old_routes_TLK=table.old_routes_TLK[:-1])))
+    if table.plain_routes_TLK is not None and table.num_tokens:
+        out.append(("old routes shorter", dict(plain_routes_TLK=table.plain_routes_TLK[:-1])))
     return out
 
 

@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.parallel import ParallelConfig
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.runtime.parallel import ParallelConfig
 from pr2_megatron.testing.distributed import run_distributed
 from pr2_megatron.testing.moe import TinySetup
 
@@ -23,9 +23,9 @@ SETUP = TinySetup(model=MoEModelConfig(num_layers=2, hidden_size=64, num_experts
 def _predict_then_replay(setup, use_te):
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
-    from pr2_megatron.model import build_gpt_moe
-    from pr2_megatron.parallel import destroy_parallel, initialize_parallel
+    from pr2_megatron.models.builder import build_gpt_moe
+    from pr2_megatron.routing.controller import RoutingController
+    from pr2_megatron.runtime.parallel import destroy_parallel, initialize_parallel
     from pr2_megatron.testing.moe import randomize_predictors
 
     initialize_parallel(setup.parallel, seed=setup.seed)
@@ -44,7 +44,7 @@ def _predict_then_replay(setup, use_te):
     replayed = model(ids, positions, None, labels=ids)
     replayed.float().mean().backward()
     ctl.finish()
-    used = ctl.forward_routes()[0]["used"]
+    used = ctl.forward_routes()[0]["replayed"]
     result = (
         torch.equal(used.cpu(), routes.cpu()),
         float((replayed.detach() - rollout).abs().max()),

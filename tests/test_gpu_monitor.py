@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from pr2_megatron.gpu_monitor import GPUMonitor, detect_gpu_stack
+from pr2_megatron.runtime.gpu import GPUMonitor, detect_gpu_stack
 
 
 def test_detection_on_this_machine():

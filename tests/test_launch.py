@@ -64,7 +64,7 @@ def test_train_sh_dry_run_defaults():
     argv = shlex.split(result.stdout)
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     assert "--standalone" in argv and _option(argv, "--nproc-per-node") == "2"
-    assert argv[-4:] == ["-m", "pr2_megatron.train", "--config", "configs/tiny.yaml"]
+    assert argv[-4:] == ["-m", "pr2_megatron.rl.train", "--config", "configs/tiny.yaml"]
 
 
 def test_train_sh_dry_run_env_and_overrides():
@@ -73,7 +73,7 @@ def test_train_sh_dry_run_env_and_overrides():
     argv = shlex.split(result.stdout)
     assert _option(argv, "--nproc-per-node") == "4"
     assert argv[-5:] == [
-        "pr2_megatron.train",
+        "pr2_megatron.rl.train",
         "--config",
         "my.yaml",
         "steps=5",
@@ -102,7 +102,7 @@ def test_sbatch_dry_run_cpu_two_nodes():
     assert torchrun[-len(trainer) + 1 :] == trainer[1:]
     # Trainer: config, run directories, then OVERRIDES, then the script's arguments (last wins).
     assert trainer[1:] == [
-        "-m", "pr2_megatron.train", "--config", "configs/tiny.yaml",
+        "-m", "pr2_megatron.rl.train", "--config", "configs/tiny.yaml",
         "logging.dir=runs/pr2-train-4242", "checkpoint.dir=runs/pr2-train-4242/checkpoints",
         "seed=7", "replay.off_n=2", "steps=3", "replay.mode=r3",
     ]  # fmt: skip

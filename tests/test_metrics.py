@@ -96,9 +96,9 @@ def ref_summary(forwards: list[dict[int, tuple]]) -> dict[str, float]:
         out[f"topk_overlap/replayed/layer_{n}"] = ovl[n] / pairs[n]
         out[f"router_disagreement/layer_{n}"] = dis[n] / pairs[n]
     if old_pairs:
-        out["topk_overlap/old"] = sum(old_ovl.values()) / sum(old_pairs.values())
+        out["topk_overlap/plain"] = sum(old_ovl.values()) / sum(old_pairs.values())
         for n in pairs:
-            out[f"topk_overlap/old/layer_{n}"] = (
+            out[f"topk_overlap/plain/layer_{n}"] = (
                 old_ovl[n] / old_pairs[n] if n in old_pairs else 0.0
             )
     return out
@@ -222,13 +222,13 @@ def test_agreement_hand_case_two_tokens_two_layers():
         "router_disagreement": pytest.approx(1 / 4),
         "zero_deviation_ratio": pytest.approx(1 / 2),
         "tokens_with_any_disagreement": pytest.approx(1 / 2),
-        "topk_overlap/old": pytest.approx((0.5 + 0 + 1 + 1) / 4),
+        "topk_overlap/plain": pytest.approx((0.5 + 0 + 1 + 1) / 4),
         "topk_overlap/replayed/layer_1": pytest.approx(1.0),
         "topk_overlap/replayed/layer_2": pytest.approx(0.75),
         "router_disagreement/layer_1": pytest.approx(0.0),
         "router_disagreement/layer_2": pytest.approx(0.5),
-        "topk_overlap/old/layer_1": pytest.approx(0.25),
-        "topk_overlap/old/layer_2": pytest.approx(1.0),
+        "topk_overlap/plain/layer_1": pytest.approx(0.25),
+        "topk_overlap/plain/layer_2": pytest.approx(1.0),
     }
     assert acc.num_tokens == 2
 
@@ -248,7 +248,7 @@ def test_zero_deviation_is_per_token_across_layers():
     assert s["router_disagreement"] == pytest.approx(0.5)
     assert s["zero_deviation_ratio"] == 0.0
     assert s["tokens_with_any_disagreement"] == 1.0
-    assert "topk_overlap/old" not in s
+    assert "topk_overlap/plain" not in s
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -282,7 +282,7 @@ def test_agreement_forward_ordering_errors_and_empty():
         acc.update(1, r, r)
     with pytest.raises(ValueError, match="T=1 tokens"):
         acc.update(2, r[:1], r[:1])
-    with pytest.raises(ValueError, match="old_TK shape"):
+    with pytest.raises(ValueError, match="plain_TK shape"):
         acc.update(2, r, r, r[:1])
     with pytest.raises(ValueError, match="layer_number"):
         acc.update(-1, r, r)

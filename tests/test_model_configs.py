@@ -1,6 +1,6 @@
 """Real model configs (configs/models/): parameter counts, layouts, and PR2 at reduced size.
 
-* The analytic count of ``pr2_megatron.model_size`` equals the parameter count of the Megatron
+* The analytic count of ``pr2_megatron.models.size`` equals the parameter count of the Megatron
   model ``build_gpt_moe`` builds, for each config's attention/routing features at reduced width
   and depth, and for feature variants (q/k norms, GELU/SwiGLU, tied embeddings, head dim, MLA).
 * At full size the counts match the published totals/actives.
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pr2_megatron.config import load_config
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.model_size import GIB, count_parameters, estimate_training_memory
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.models.size import GIB, count_parameters, estimate_training_memory
+from pr2_megatron.rl.config import load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 CONFIGS = ["olmoe_1b_7b", "qwen3_30b_a3b", "moonlight_16b_a3b", "deepseek_v3_style"]
@@ -100,7 +100,7 @@ def mla_on_cpu(monkeypatch):
     """Let core 0.16.1 build MLA without Transformer Engine (TELinear is a MagicMock there).
 
     Test-only: ``MLASelfAttention.__init__`` calls ``isinstance(..., TELinear)``; a plain class
-    stands in for the placeholder (see ``pr2_megatron.model._check_mla_buildable``).
+    stands in for the placeholder (see ``pr2_megatron.models.attention._check_mla_buildable``).
     """
     from megatron.core.transformer import multi_latent_attention
 
@@ -219,7 +219,7 @@ def test_analytic_count_feature_variants(variant):
 
 
 def _routers(model):
-    from pr2_megatron.router import PR2Router
+    from pr2_megatron.routing.router import PR2Router
 
     return [m for m in model.modules() if isinstance(m, PR2Router)]
 
@@ -227,7 +227,7 @@ def _routers(model):
 @pytest.mark.usefixtures("megatron_single", "mla_on_cpu")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_reduced_config_pr2_predict_then_replay_ratio_one(name):
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import randomize_predictors, token_batch
 
     model_cfg = reduced(_config(name).model)
@@ -247,13 +247,13 @@ def test_reduced_config_pr2_predict_then_replay_ratio_one(name):
     with torch.no_grad():
         rollout_logprob = -model(ids, positions, None, labels=labels)
     predicted = ctl.collect_routes()[0]
-    live = ctl.collect_live_routes()[0]
+    live = ctl.collect_plain_routes()[0]
     assert predicted.shape == (ids.numel(), len(model_cfg.moe_layer_numbers()), model_cfg.topk)
     # The predictor moved some routes: replay must follow the prediction, not the live router.
     assert not torch.equal(predicted, live)
 
     ctl.replay(collect_metrics=True)
-    ctl.set_targets(predicted, old_routes_TLK=live)
+    ctl.set_targets(predicted, plain_routes_TLK=live)
     train_logprob = -model(ids, positions, None, labels=labels)
     ctl.finish()
     for index, router in enumerate(ctl.routers):
@@ -288,8 +288,8 @@ def _tp_model_cfg(qk_norm: str) -> MoEModelConfig:
 def _tp_forward_backward(setup, full_state, ids, labels):
     from megatron.core import parallel_state
 
-    from pr2_megatron.convert_hf import load_megatron_state
-    from pr2_megatron.parallel import average_gradients
+    from pr2_megatron.models.hf import load_megatron_state
+    from pr2_megatron.runtime.parallel import average_gradients
     from pr2_megatron.testing.moe import build, global_parameters
 
     model = build(setup, router="topk")
@@ -327,7 +327,7 @@ def _tp_reference(setup, ids, labels):
 def test_qk_norms_and_gated_ffn_under_tp2_sp_match_single_process(qk_norm):
     """OLMoE's projection q/k norm (TP all-reduce of the sum of squares), the per-head norm
     with SP, and gated dense/shared FFN weights sliced by ``load_megatron_state`` under TP=2."""
-    from pr2_megatron.parallel import ParallelConfig
+    from pr2_megatron.runtime.parallel import ParallelConfig
     from pr2_megatron.testing.distributed import run_distributed
     from pr2_megatron.testing.moe import TinySetup
 

@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.parallel import ParallelConfig
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.runtime.parallel import ParallelConfig
 from pr2_megatron.testing.distributed import run_distributed
 from pr2_megatron.testing.moe import TinySetup
 
@@ -31,7 +31,7 @@ def _pr2_step(setup, full_state, ids, labels, batch_index):
     """Predict, then one replay training step with predictor training; return what to compare."""
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import build, global_parameters, load_full_state
 
     model = build(setup)
@@ -43,7 +43,7 @@ def _pr2_step(setup, full_state, ids, labels, batch_index):
     with torch.no_grad():
         model(ids, positions, None)
     routes = ctl.collect_routes()[0]
-    live = ctl.collect_live_routes()[0]
+    live = ctl.collect_plain_routes()[0]
     ctl.replay(train_predictor=True)
     ctl.set_targets(routes)
     token_loss = model(ids, positions, None, labels=labels)
@@ -126,7 +126,7 @@ def test_two_rank_layout_matches_single_process(layout):
 def _rank_entry(setup, full_state, ids, labels, batch_of_rank):
     import torch.distributed as dist
 
-    from pr2_megatron.parallel import initialize_parallel
+    from pr2_megatron.runtime.parallel import initialize_parallel
 
     initialize_parallel(setup.parallel, seed=setup.seed)
     return _pr2_step(setup, full_state, ids, labels, batch_of_rank[dist.get_rank()])

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from pr2_megatron.api import RoutingController
 from pr2_megatron.metrics import topk_overlap
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.predictor import FeatureCache, predictor_loss
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.routing.controller import RoutingController
+from pr2_megatron.routing.feature_cache import FeatureCache
+from pr2_megatron.routing.predictor import predictor_loss
 from pr2_megatron.testing.moe import TinySetup, build, token_batch
 
 
@@ -129,7 +130,7 @@ def test_trained_predictor_anticipates_router_drift_better_than_plain_replay():
         ctl.predict()
         with torch.no_grad():
             model(ids, positions, None)
-        predicted, old = ctl.collect_routes()[0], ctl.collect_live_routes()[0]
+        predicted, old = ctl.collect_routes()[0], ctl.collect_plain_routes()[0]
         for step in range(1, mini_steps + 1):
             ctl.replay(train_predictor=step >= 2)
             ctl.set_targets(predicted, old)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from pr2_megatron.probmoe_math import (
+from pr2_megatron.routing.probmoe.subsets import (
     exact_marginals,
     log_partition_by_size,
     log_prob_size,

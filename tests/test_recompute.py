@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pr2_megatron.api import RoutingController
-from pr2_megatron.model import MoEModelConfig
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.routing.controller import RoutingController
 from pr2_megatron.testing.moe import (
     TinySetup,
     build,

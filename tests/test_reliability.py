@@ -3,7 +3,7 @@
 * Faults (slow, real torchrun): a rank SIGKILLed mid-step under ``--max-restarts=1`` restarts,
   resumes from the last checkpoint and ends with the very metrics of an uninterrupted run;
   SIGTERM to ``launch/train.sh`` checkpoints and exits 0, and the resumed run again matches.
-* Silent failures (REFERENCES.md "Bugs the peers hit"): a second model built in the same process,
+* Silent failures (docs/design.md, "Bugs the peers hit"): a second model built in the same process,
   routers sharing a layer number (MTP), dense first layers shifting the MoE layer mapping, replay
   targets never consumed, a replay forward without a target -- each an error or correct, never a
   replay that silently does nothing or goes to the wrong layer.
@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pr2_megatron.api import RoutingController
-from pr2_megatron.config import ConfigError, load_config
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.parallel import ParallelConfig
-from pr2_megatron.route_table import RouteTable
-from pr2_megatron.router import PR2Router, RouteError, RoutingPhase
+from pr2_megatron.errors import RouteError
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.rl.config import ConfigError, load_config
+from pr2_megatron.routes.table import RouteTable
+from pr2_megatron.routing.controller import RoutingController
+from pr2_megatron.routing.router import PR2Router, RoutingPhase
+from pr2_megatron.runtime.parallel import ParallelConfig
 from pr2_megatron.testing.moe import TinySetup, build, lm_loss, randomize_predictors, token_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_sigterm_to_the_launcher_checkpoints_exits_0_and_resumes_exactly(tmp_pat
 
 # ======================================================================= in-process trainer
 def _trainer(tmp_path, *overrides):
-    from pr2_megatron.train import Trainer
+    from pr2_megatron.rl.train import Trainer
 
     overrides = [*IN_PROCESS, f"logging.dir={tmp_path}", *overrides]
     return Trainer(load_config(REPO / "configs" / "tiny.yaml", overrides))
@@ -234,7 +235,7 @@ def test_a_second_model_in_the_same_process_leaves_the_first_replaying(megatron_
     lm_loss(model_a, ids, labels).backward()
     ctl_a.finish()
     (forward,) = ctl_a.forward_routes()
-    assert torch.equal(forward["used"], routes)  # model A replayed the record ...
+    assert torch.equal(forward["replayed"], routes)  # model A replayed the record ...
     assert not torch.equal(forward["live"], routes)  # ... not what its routers now pick
     assert all(r.phase == RoutingPhase.OFF and r.pending_targets() == 0 for r in ctl_b.routers)
 
@@ -252,7 +253,7 @@ def test_a_second_model_in_the_same_process_leaves_the_first_replaying(megatron_
 
 
 def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, tmp_path):
-    from pr2_megatron.route_comm import micro_batch_targets
+    from pr2_megatron.routes import micro_batch_targets
 
     trainer = _trainer(tmp_path, "model.num_layers=3", "model.moe_layer_freq=[0,1,1]")
     ctl = trainer.controller
@@ -273,12 +274,12 @@ def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, t
             per_sample, sample_ids=[0, 1], layer_numbers=layers, num_experts=8, topk=2
         )
 
-    batch = {"input_lens": [5, 4]}
-    targets = trainer._targets(table((2, 3)), [0, 1], batch, [0, 1])
+    batch = trainer._micro_batch([0, 1], {"input_lens": [5, 4]}, [0, 1])
+    targets = trainer.path.targets(table((2, 3)), batch)
     assert targets.shape == (trainer.seq_len * 2, 2, 2)
     assert torch.equal(targets[0::2][:5], per_sample[0].long())  # [S, B] order, sample 0
     with pytest.raises(ValueError, match=r"layer 3 is not covered .*covered: \[1, 2\]"):
-        trainer._targets(table((1, 2)), [0, 1], batch, [0, 1])
+        trainer.path.targets(table((1, 2)), batch)
     with pytest.raises(ValueError, match=r"layer 2 is not covered"):
         micro_batch_targets(
             table((3, 4)), [0, 1], trainer.seq_len, lengths=[5, 4], layer_numbers=[2, 3]
@@ -287,7 +288,9 @@ def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, t
     with pytest.raises(
         ValueError, match="sample id 1: micro-batch has 3 tokens, route table has 4"
     ):
-        trainer._targets(table((2, 3)), [0, 1], {"input_lens": [5, 3]}, [0, 1])
+        trainer.path.targets(
+            table((2, 3)), trainer._micro_batch([0, 1], {"input_lens": [5, 3]}, [0, 1])
+        )
 
 
 def test_a_skipped_training_forward_is_a_route_error_at_finish(megatron_single, tmp_path):
@@ -361,7 +364,7 @@ def test_parallel_sizes_that_do_not_fit_the_world_size(megatron_single, tmp_path
             ParallelConfig(**sizes).check_world_size(world)
     assert ParallelConfig(tensor_model_parallel_size=2).check_world_size(4) == 2
     # The usual mistake: the 2-rank tiny config (EP=2) started as one process.
-    from pr2_megatron.train import Trainer
+    from pr2_megatron.rl.train import Trainer
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"logging.dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"world size 1 is not divisible by EP×ETP×PP = 2×1×1"):
@@ -371,7 +374,7 @@ def test_parallel_sizes_that_do_not_fit_the_world_size(megatron_single, tmp_path
 
 
 def test_batch_sizes_that_do_not_divide_over_ranks_and_mini_steps():
-    from pr2_megatron.train import _per_rank_samples
+    from pr2_megatron.rl.train import _per_rank_samples
 
     cfg = load_config(
         None, ["rollout.prompts_per_step=4", "rollout.group_size=2", "replay.off_n=4"]

@@ -12,8 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.parallel import ParallelConfig
+from pr2_megatron.models import MoEModelConfig
+from pr2_megatron.runtime.parallel import ParallelConfig
 from pr2_megatron.testing.distributed import run_distributed
 from pr2_megatron.testing.moe import TinySetup
 
@@ -35,62 +35,68 @@ def _token_logprob(model, ids, labels):
 
 
 def _rollout_then_train(setup, rollout_samples, train_samples):
+    """Through the public route path only (RoutePath), as a foreign training loop would."""
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
-    from pr2_megatron.parallel import initialize_parallel
-    from pr2_megatron.route_comm import gather_route_table, micro_batch_targets
+    from pr2_megatron.routes import MicroBatch, RoutePath
+    from pr2_megatron.routing import RoutingController
+    from pr2_megatron.runtime.parallel import initialize_parallel
     from pr2_megatron.testing.moe import build, randomize_predictors
 
     initialize_parallel(setup.parallel, seed=setup.seed)
     model = build(setup)
     randomize_predictors(model, scale=1.0, seed=7)
     ctl = RoutingController(model)
+    path = RoutePath(ctl)
     ids, labels = _samples()
     data_rank = parallel_state.get_data_parallel_rank()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
     ctl.predict()
     rollout_logprob = {}
+    rollout_batches = [MicroBatch([s], SEQ) for s in rollout_samples[data_rank]]
     with torch.no_grad():
-        for sample in rollout_samples[data_rank]:
+        for batch in rollout_batches:
+            path.name_tokens(batch)
+            sample = batch.sample_ids[0]
             rollout_logprob[sample] = _token_logprob(model, ids[[sample]], labels[[sample]])[0]
-    table = gather_route_table(
-        ctl.collect_routes(),
-        [[s] for s in rollout_samples[data_rank]],
-        layer_numbers=ctl.layer_numbers,
-        num_experts=ctl.num_experts,
-        topk=ctl.topk,
-        old_routes_per_forward=ctl.collect_live_routes(),
-        data_group=parallel_state.get_data_parallel_group(),
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-        sequence_parallel=setup.parallel.sequence_parallel,
-    )
+    table = path.gather(rollout_batches)
 
-    ctl.replay(collect_metrics=True)
-    batch = train_samples[data_rank]
-    targets = micro_batch_targets(
-        table,
-        batch,
-        SEQ,
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        sequence_parallel=setup.parallel.sequence_parallel,
-    )
-    ctl.set_targets(targets)
-    train_logprob = _token_logprob(model, ids[batch], labels[batch])
+    ctl.replay(train_predictor=True, collect_metrics=True)
+    batch = MicroBatch(train_samples[data_rank], SEQ)
+    path.set_targets(table, batch)
+    rows = list(batch.sample_ids)
+    train_logprob = _token_logprob(model, ids[rows], labels[rows])
     train_logprob.sum().backward()
     ctl.finish()
-    replayed = torch.stack([r.metric_records[0]["replayed"] for r in ctl.routers], dim=1)
+    replayed = ctl.forward_routes()[0]["replayed"]
     return {
         "rollout_logprob": rollout_logprob,
-        "train_logprob": dict(zip(batch, train_logprob.detach())),
+        "train_logprob": dict(zip(rows, train_logprob.detach())),
         "replayed": replayed,
-        "targets": targets,
+        "targets": path.targets(table, batch),
         "table_samples": table.sample_ids.tolist(),
         "table_bytes_per_token_layer": table.routes_TLK.element_size() * table.topk,
+        "predictor_losses": [r.predictor_losses[0] for r in ctl.routers],
+        "self_paired_losses": [_self_paired_loss(r, rows) for r in ctl.routers],
     }
+
+
+def _self_paired_loss(router, sample_ids):
+    """The predictor loss when every training token meets its own cached rollout features.
+
+    At the rollout weights the live logits of a token equal its cached ones, so the kl-post
+    loss is KL(softmax(z) || softmax(z + Δ)) over the cached tokens of these samples. A token
+    paired with another token's features would give another value.
+    """
+    from pr2_megatron.routes import KEY_STRIDE
+    from pr2_megatron.routing.predictor import predictor_loss
+
+    cached = router.feature_cache.features()
+    mine = torch.isin(cached.keys_C // KEY_STRIDE, torch.tensor(sample_ids))
+    logits = cached.logits_CE[mine]
+    with torch.no_grad():
+        delta = router.predictor(cached.hidden_CH[mine])
+    return float(predictor_loss("kl-post", logits, logits, delta))
 
 
 LAYOUTS = {
@@ -120,6 +126,11 @@ def test_replay_in_another_layout_dispatches_recorded_experts(layout):
         assert res["table_samples"] == list(range(NUM_SAMPLES))
         assert res["table_bytes_per_token_layer"] == 2  # uint8 ids, k = 2
         assert torch.equal(res["replayed"], res["targets"])  # routers dispatched the table rows
+        # The predictor trained on the right tokens in the other layout (named by RoutePath).
+        assert min(res["self_paired_losses"]) > 0
+        torch.testing.assert_close(
+            res["predictor_losses"], res["self_paired_losses"], rtol=1e-4, atol=1e-7
+        )
     for res in results:
         for sample, train_lp in res["train_logprob"].items():
             torch.testing.assert_close(train_lp, rollout_logprob[sample], rtol=1e-5, atol=1e-5)

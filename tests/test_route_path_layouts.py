@@ -14,14 +14,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.parallel import ParallelConfig
-from pr2_megatron.route_comm import (
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.routes import (
+    RouteTable,
     context_parallel_positions,
     gather_route_table,
     micro_batch_targets,
 )
-from pr2_megatron.route_table import RouteTable
+from pr2_megatron.runtime.parallel import ParallelConfig
 from pr2_megatron.testing.distributed import run_distributed
 from pr2_megatron.testing.moe import TinySetup
 
@@ -49,7 +49,7 @@ def _random_table(lengths, layer_numbers, num_experts, topk, seed):
         layer_numbers=layer_numbers,
         num_experts=num_experts,
         topk=topk,
-        old_per_sample=[sample(n) for n in lengths],
+        plain_per_sample=[sample(n) for n in lengths],
     )
 
 
@@ -68,7 +68,7 @@ def _pipeline_procedure(setup, full_state, rollout_batches, train_batches):
     schedule for the current PP/VPP layout (PP=1: the no-pipelining schedule)."""
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import (
         build_chunks,
         chunks_global_parameters,
@@ -79,7 +79,7 @@ def _pipeline_procedure(setup, full_state, rollout_batches, train_batches):
     chunks = build_chunks(setup)
     for chunk in chunks:
         load_full_state(chunk, full_state)
-    ctl = RoutingController(chunks)
+    ctl = RoutingController(chunks, allow_empty=True)  # PP: a stage may have none
     ids, labels = _samples()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     dp_group = parallel_state.get_data_parallel_group()
@@ -115,7 +115,7 @@ def _pipeline_procedure(setup, full_state, rollout_batches, train_batches):
         layer_numbers=ctl.layer_numbers,
         num_experts=ctl.num_experts,
         topk=ctl.topk,
-        old_routes_per_forward=ctl.collect_live_routes(),
+        plain_routes_per_forward=ctl.collect_plain_routes(),
         data_group=dp_group,
         pp_group=pp_group,
     )
@@ -144,7 +144,7 @@ def _pipeline_procedure(setup, full_state, rollout_batches, train_batches):
     targets = []
     for batch in train_batches:
         target = micro_batch_targets(table, batch, SEQ, layer_numbers=ctl.layer_numbers)
-        old = micro_batch_targets(table, batch, SEQ, layer_numbers=ctl.layer_numbers, old=True)
+        old = micro_batch_targets(table, batch, SEQ, layer_numbers=ctl.layer_numbers, plain=True)
         ctl.set_targets(target, old)
         targets.append(target)
     with torch.no_grad():
@@ -195,7 +195,7 @@ def _check_pipeline(moe_layer_freq, parallel, expected_layers):
     full_state, ref = run_distributed(
         _pipeline_reference, 1, ref_setup, ROLLOUT_BATCHES, TRAIN_BATCHES
     )[0]
-    assert not torch.equal(ref["table"].routes_TLK, ref["table"].old_routes_TLK), (
+    assert not torch.equal(ref["table"].routes_TLK, ref["table"].plain_routes_TLK), (
         "predictor too weak to change routes"
     )
     setup = dataclasses.replace(ref_setup, parallel=parallel)
@@ -279,7 +279,7 @@ LENGTHS = {0: 8, 1: 5, 2: 6, 3: 7}
 def _tp_ep_rollout_then_train(setup, rollout_batches, train_batches):
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import build, randomize_predictors
 
     model = build(setup)
@@ -308,7 +308,7 @@ def _tp_ep_rollout_then_train(setup, rollout_batches, train_batches):
         layer_numbers=ctl.layer_numbers,
         num_experts=ctl.num_experts,
         topk=ctl.topk,
-        old_routes_per_forward=ctl.collect_live_routes(),
+        plain_routes_per_forward=ctl.collect_plain_routes(),
         lengths_per_forward=[[LENGTHS[s] for s in b] for b in rollout_batches[data_rank]],
         data_group=parallel_state.get_data_parallel_group(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
@@ -350,7 +350,7 @@ def test_tp2_ep2_sequence_parallel_padded_replay_in_another_layout():
         rollout_logprob.update(res["rollout_logprob"])
     table = results[0]["table"]
     assert table.cu_seqlens.diff().tolist() == [LENGTHS[s] for s in range(NUM_SAMPLES)]
-    assert not torch.equal(table.routes_TLK, table.old_routes_TLK)
+    assert not torch.equal(table.routes_TLK, table.plain_routes_TLK)
     for res in results:
         assert res["table"].equal(table)
         for replayed, target in zip(res["replayed"], res["targets"], strict=True):
@@ -426,7 +426,7 @@ def _cp_round_trip(rollout_batches):
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    from pr2_megatron.parallel import initialize_parallel
+    from pr2_megatron.runtime.parallel import initialize_parallel
 
     initialize_parallel(
         ParallelConfig(
@@ -446,7 +446,7 @@ def _cp_round_trip(rollout_batches):
         lengths.append([CP_LENGTHS[s] for s in batch])
         routes.append(micro_batch_targets(table, batch, CP_SEQ, lengths=lengths[-1], **where))
         old.append(
-            micro_batch_targets(table, batch, CP_SEQ, lengths=lengths[-1], old=True, **where)
+            micro_batch_targets(table, batch, CP_SEQ, lengths=lengths[-1], plain=True, **where)
         )
         # The slice is what Megatron's CP split + SP scatter give this rank of the padded batch.
         full_BSLK = micro_batch_targets(table, batch, CP_SEQ, lengths=lengths[-1])
@@ -461,7 +461,7 @@ def _cp_round_trip(rollout_batches):
         layer_numbers=table.layer_numbers,
         num_experts=8,
         topk=2,
-        old_routes_per_forward=old,
+        plain_routes_per_forward=old,
         lengths_per_forward=lengths,
         data_group=parallel_state.get_data_parallel_group(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
@@ -477,7 +477,7 @@ def test_context_parallel_routes_gather_back_into_sequence_order():
 
 
 def _pp_dp_round_trips(layouts):
-    from pr2_megatron.parallel import initialize_parallel
+    from pr2_megatron.runtime.parallel import initialize_parallel
 
     initialize_parallel(ParallelConfig(pipeline_model_parallel_size=2))
     return [_pp_dp_round_trip(stage_layers) for stage_layers in layouts]
@@ -487,7 +487,7 @@ def _pp_dp_round_trip(stage_layers):
     """PP=2 × DP=2 with synthetic routes; ``stage_layers[s]`` are stage s's MoE layers."""
     from megatron.core import parallel_state
 
-    from pr2_megatron.api import RoutingController
+    from pr2_megatron.routing.controller import RoutingController
 
     table = _random_table([8, 5, 7, 8], (3, 4), num_experts=8, topk=2, seed=9)
     stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -502,7 +502,7 @@ def _pp_dp_round_trip(stage_layers):
             for b, n in zip(batches, lengths)
         ]
         old = [
-            micro_batch_targets(table, b, 8, lengths=n, layer_numbers=layers, old=True)
+            micro_batch_targets(table, b, 8, lengths=n, layer_numbers=layers, plain=True)
             for b, n in zip(batches, lengths)
         ]
     gathered = gather_route_table(
@@ -511,7 +511,7 @@ def _pp_dp_round_trip(stage_layers):
         layer_numbers=layers,
         num_experts=8 if layers else 0,
         topk=2 if layers else 0,
-        old_routes_per_forward=old,
+        plain_routes_per_forward=old,
         lengths_per_forward=lengths,
         data_group=parallel_state.get_data_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
@@ -520,7 +520,7 @@ def _pp_dp_round_trip(stage_layers):
     stage_targets = micro_batch_targets(gathered, [1, 0], 8, lengths=[5, 8], layer_numbers=layers)
     assert stage_targets.shape == (16, len(layers), 2)
     if not layers:
-        ctl = RoutingController([])
+        ctl = RoutingController([], allow_empty=True)
         ctl.replay()
         ctl.set_targets(stage_targets)
         ctl.finish()
@@ -539,11 +539,11 @@ def test_padded_targets_real_rows_exact_padding_rows_fixed(single_process_group)
     table = _random_table([8, 3, 6], (2, 5), num_experts=8, topk=3, seed=1)
     batch, lengths = [1, 2, 0], [3, 6, 8]
     targets_SBLK = micro_batch_targets(table, batch, 8, lengths=lengths).reshape(8, 3, 2, 3)
-    old_SBLK = micro_batch_targets(table, batch, 8, lengths=lengths, old=True).reshape(8, 3, 2, 3)
+    old_SBLK = micro_batch_targets(table, batch, 8, lengths=lengths, plain=True).reshape(8, 3, 2, 3)
     for column, (sample, length) in enumerate(zip(batch, lengths)):
         rows = table.rows_for([sample])
         assert torch.equal(targets_SBLK[:length, column], table.routes_TLK[rows].long())
-        assert torch.equal(old_SBLK[:length, column], table.old_routes_TLK[rows].long())
+        assert torch.equal(old_SBLK[:length, column], table.plain_routes_TLK[rows].long())
         padding = targets_SBLK[length:, column]
         assert torch.equal(padding, torch.arange(3).expand_as(padding))
     # Sequence parallel: rank r holds positions r*4 .. r*4+3 of every column.
@@ -568,14 +568,16 @@ def test_padded_micro_batches_round_trip_through_the_table(single_process_group)
     forwards = [[3, 0], [2, 1]]
     lengths = [[1, 8], [6, 3]]
     routes = [micro_batch_targets(table, b, 8, lengths=n) for b, n in zip(forwards, lengths)]
-    old = [micro_batch_targets(table, b, 8, lengths=n, old=True) for b, n in zip(forwards, lengths)]
+    old = [
+        micro_batch_targets(table, b, 8, lengths=n, plain=True) for b, n in zip(forwards, lengths)
+    ]
     gathered = gather_route_table(
         routes,
         forwards,
         layer_numbers=table.layer_numbers,
         num_experts=300,
         topk=2,
-        old_routes_per_forward=old,
+        plain_routes_per_forward=old,
         lengths_per_forward=lengths,
     )
     assert gathered.equal(table)
@@ -617,8 +619,8 @@ R3_LENGTHS = [8, 6, 8, 5]
 
 def _r3_engine_routes_replay(setup):
     """Record (r3 rollout), hand routes over in vLLM/SGLang's format, replay them."""
-    from pr2_megatron.api import RoutingController
-    from pr2_megatron.route_table import from_engine_routed_experts
+    from pr2_megatron.routes.engine import from_engine_routed_experts
+    from pr2_megatron.routing.controller import RoutingController
     from pr2_megatron.testing.moe import build
 
     model = build(setup)

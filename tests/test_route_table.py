@@ -1,4 +1,4 @@
-"""Tests for pr2_megatron.route_table: packing, lookup, validation, I/O, engine ingest."""
+"""Tests for pr2_megatron.routes.table: packing, lookup, validation, I/O, engine ingest."""
 
 import pickle
 import re
@@ -13,13 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from pr2_megatron.route_table import (
-    FILE_FORMAT,
-    FORMAT_VERSION,
-    RouteTable,
-    from_engine_routed_experts,
-    route_dtype,
-)
+from pr2_megatron.routes.engine import from_engine_routed_experts
+from pr2_megatron.routes.files import FILE_FORMAT, FORMAT_VERSION, _checksum
+from pr2_megatron.routes.table import RouteTable, route_dtype
 
 LAYERS = (2, 4, 6)
 
@@ -39,18 +35,20 @@ def make_samples(lengths, num_experts=64, topk=2, layers=LAYERS, seed=0):
     return [distinct_routes(n, len(layers), topk, num_experts, gen) for n in lengths]
 
 
-def make_table(lengths=(3, 0, 5, 2), sample_ids=(10, 3, 7, 42), num_experts=64, topk=2, old=False):
+def make_table(
+    lengths=(3, 0, 5, 2), sample_ids=(10, 3, 7, 42), num_experts=64, topk=2, plain=False
+):
     per_sample = make_samples(lengths, num_experts, topk)
-    old_per_sample = make_samples(lengths, num_experts, topk, seed=1) if old else None
+    plain_per_sample = make_samples(lengths, num_experts, topk, seed=1) if plain else None
     table = RouteTable.from_samples(
         per_sample,
         sample_ids=list(sample_ids),
         layer_numbers=LAYERS,
         num_experts=num_experts,
         topk=topk,
-        old_per_sample=old_per_sample,
+        plain_per_sample=plain_per_sample,
     )
-    return table, per_sample, old_per_sample
+    return table, per_sample, plain_per_sample
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,14 +138,14 @@ def test_pack_layout_and_properties():
 
 
 def test_nbytes_counts_old_routes_and_dtype_width():
-    table, _, _ = make_table(num_experts=300, old=True)
+    table, _, _ = make_table(num_experts=300, plain=True)
     assert table.routes_TLK.dtype == torch.int16
     assert table.nbytes == 2 * (10 * 3 * 2 * 2)
 
 
 def test_select_samples_reorders_exactly():
-    table, per_sample, old_per_sample = make_table(old=True)
-    by_id = dict(zip([10, 3, 7, 42], zip(per_sample, old_per_sample)))
+    table, per_sample, plain_per_sample = make_table(plain=True)
+    by_id = dict(zip([10, 3, 7, 42], zip(per_sample, plain_per_sample)))
     order = [42, 3, 10]
     sub = table.select_samples(order)
     sub.validate()
@@ -155,7 +153,7 @@ def test_select_samples_reorders_exactly():
     assert sub.cu_seqlens.tolist() == [0, 2, 2, 5]
     for i, sid in enumerate(order):
         assert torch.equal(sub.routes_TLK[sub.sample_slice(i)].long(), by_id[sid][0])
-        assert torch.equal(sub.old_routes_TLK[sub.sample_slice(i)].long(), by_id[sid][1])
+        assert torch.equal(sub.plain_routes_TLK[sub.sample_slice(i)].long(), by_id[sid][1])
     # Selecting back restores the original table bit for bit.
     assert sub.select_samples([42, 10]).equal(table.select_samples([42, 10]))
     assert table.select_samples([10, 3, 7, 42]).equal(table)
@@ -180,7 +178,7 @@ def test_select_samples_rejects_repeats_and_unknown_ids():
 
 
 def test_layer_index_and_select_layers():
-    table, per_sample, old_per_sample = make_table(old=True)
+    table, per_sample, plain_per_sample = make_table(plain=True)
     assert table.layer_index(4) == 1
     with pytest.raises(ValueError, match=re.escape("layer 3 is not covered") + r".*\[2, 4, 6\]"):
         table.layer_index(3)
@@ -188,7 +186,7 @@ def test_layer_index_and_select_layers():
     sub.validate()
     assert sub.layer_numbers == (2, 6)
     assert torch.equal(sub.routes_TLK, table.routes_TLK[:, [0, 2]])
-    assert torch.equal(sub.old_routes_TLK, table.old_routes_TLK[:, [0, 2]])
+    assert torch.equal(sub.plain_routes_TLK, table.plain_routes_TLK[:, [0, 2]])
     with pytest.raises(ValueError, match="strictly increasing"):
         table.select_layers([6, 2])
     with pytest.raises(ValueError, match="layer 5 is not covered"):
@@ -220,8 +218,8 @@ def test_concat():
         RouteTable.concat([a, make_table(lengths=(2,), sample_ids=(1,))[0]])
     with pytest.raises(ValueError, match="layer_numbers"):
         RouteTable.concat([a, b.select_layers([2, 4])])
-    with pytest.raises(ValueError, match="old_routes_TLK"):
-        RouteTable.concat([a, make_table(lengths=(2,), sample_ids=(5,), old=True)[0]])
+    with pytest.raises(ValueError, match="plain_routes_TLK"):
+        RouteTable.concat([a, make_table(lengths=(2,), sample_ids=(5,), plain=True)[0]])
     with pytest.raises(ValueError, match="at least one"):
         RouteTable.concat([])
 
@@ -269,9 +267,9 @@ def test_rejects_duplicates_in_old_routes():
     old[0][1, 0] = torch.tensor([9, 9])
     with pytest.raises(
         ValueError,
-        match="old_routes_TLK: sample id 10, token 1.*MoE layer 2: duplicate expert id 9",
+        match="plain_routes_TLK: sample id 10, token 1.*MoE layer 2: duplicate expert id 9",
     ):
-        _from(_two_samples(), old_per_sample=old)
+        _from(_two_samples(), plain_per_sample=old)
 
 
 def test_rejects_wrong_sample_shape():
@@ -385,9 +383,9 @@ def test_validate_is_vectorized():
 
 
 @pytest.mark.parametrize("num_experts", [256, 300, 40_000])
-@pytest.mark.parametrize("old", [False, True])
-def test_save_load_bit_for_bit(tmp_path, num_experts, old):
-    table, _, _ = make_table(num_experts=num_experts, topk=4, old=old)
+@pytest.mark.parametrize("plain", [False, True])
+def test_save_load_bit_for_bit(tmp_path, num_experts, plain):
+    table, _, _ = make_table(num_experts=num_experts, topk=4, plain=plain)
     # The largest id must survive the narrow dtype (255 / 299 / 39999).
     table.routes_TLK[0, 0] = torch.tensor([num_experts - 1, 0, 1, 2])
     table.validate()
@@ -396,7 +394,7 @@ def test_save_load_bit_for_bit(tmp_path, num_experts, old):
     loaded = RouteTable.load(path)
     assert loaded.routes_TLK.dtype == route_dtype(num_experts)
     assert loaded.equal(table)
-    assert (loaded.old_routes_TLK is None) == (not old)
+    assert (loaded.plain_routes_TLK is None) == (not plain)
     assert loaded.layer_numbers == LAYERS
     assert [p.name for p in tmp_path.iterdir()] == ["routes.safetensors"]  # no temp leftovers
 
@@ -441,7 +439,7 @@ def test_load_never_unpickles(tmp_path):
 
 @pytest.mark.parametrize("keep", [0, 4, 9, 40, -1])
 def test_load_rejects_truncated_file(tmp_path, keep):
-    table, _, _ = make_table(old=True)
+    table, _, _ = make_table(plain=True)
     path = tmp_path / "routes.safetensors"
     table.save(path)
     data = path.read_bytes()
@@ -453,6 +451,13 @@ def test_load_rejects_random_bytes(tmp_path):
     path = tmp_path / "random.safetensors"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     _assert_load_fails(path)
+
+
+def _sealed(metadata, tensors):
+    """``metadata`` with a correct SHA-256: the file's checks after the checksum's run."""
+    if metadata is None:
+        return None
+    return {**metadata, "sha256": _checksum(metadata, tensors)}
 
 
 def _metadata(**change):
@@ -491,7 +496,7 @@ def test_load_rejects_incomplete_or_inconsistent_files(tmp_path, drop_tensor, me
     }
     tensors.pop(drop_tensor, None)
     path = tmp_path / "bad.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=_sealed(metadata, tensors))
     _assert_load_fails(path, pattern)
 
 
@@ -600,7 +605,7 @@ def table_specs(draw):
         layer_numbers=tuple(layers),
         num_experts=num_experts,
         topk=topk,
-        old_per_sample=old if with_old else None,
+        plain_per_sample=old if with_old else None,
     )
     return per_sample, kwargs
 

@@ -1,11 +1,12 @@
-"""PR2 router in one process: phases, replay exactness, gradients, errors (DESIGN.md §2, §3)."""
+"""PR2 router in one process: phases, replay exactness, gradients, errors (docs/design.md)."""
 
 import pytest
 import torch
 
-from pr2_megatron.api import RoutingController, param_groups
-from pr2_megatron.model import MoEModelConfig
-from pr2_megatron.router import PR2Router, RouteError
+from pr2_megatron.errors import RouteError
+from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.routing import RoutingController, param_groups
+from pr2_megatron.routing.router import PR2Router
 from pr2_megatron.testing.moe import (
     TinySetup,
     build,
@@ -42,7 +43,7 @@ def test_zero_predictor_predict_equals_live_routing():
     pred_routes = ctl.collect_routes()
     assert len(pred_routes) == 1 and pred_routes[0].shape == (24, 2, 2)
     assert torch.equal(pred_routes[0], live_routes[0])
-    assert torch.equal(ctl.collect_live_routes()[0], live_routes[0])
+    assert torch.equal(ctl.collect_plain_routes()[0], live_routes[0])
     assert torch.equal(pred_out, live_out)
 
 
@@ -55,7 +56,7 @@ def test_nonzero_predictor_changes_routes_but_gates_use_live_scores():
     with torch.no_grad():
         predicted_out = lm_loss(model, ids, None)
     predicted = ctl.collect_routes()[0]
-    live = ctl.collect_live_routes()[0]
+    live = ctl.collect_plain_routes()[0]
     assert not torch.equal(predicted, live)
     # The rollout function must equal the training function at θ_old: replaying the predicted
     # route with live gates reproduces the rollout output exactly.
@@ -253,8 +254,8 @@ def test_dense_first_layers_and_shared_expert_get_pr2_routers_only_in_moe_layers
 
 
 def test_megatron_replay_flag_conflicts_with_pr2_router():
-    from pr2_megatron.model import transformer_config
-    from pr2_megatron.parallel import ParallelConfig, initialize_parallel
+    from pr2_megatron.models.builder import transformer_config
+    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
 
     initialize_parallel(ParallelConfig())
     config = transformer_config(MoEModelConfig(), ParallelConfig())

@@ -1,6 +1,6 @@
 """slurm/pr2_train.sbatch on a real Slurm 22.05 cluster on this machine (two emulated nodes).
 
-The cluster (pr2_megatron.testing.slurm) is installed with apt-get when missing and brought up
+The cluster (support.slurm) is installed with apt-get when missing and brought up
 once for the module; the tests are skipped only when that cannot be done (not root, apt-get
 cannot install Slurm). Jobs run the tiny CPU config, 2 nodes x 1 rank, so torchrun rendezvouses
 across the two Slurm nodes (EP=2 spans them).
@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pr2_megatron.testing.slurm import SlurmUnavailable, slurm_cluster
+from support.slurm import SlurmUnavailable, slurm_cluster
 
 pytestmark = pytest.mark.slow
 

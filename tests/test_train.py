@@ -31,9 +31,9 @@ TINY = [
 
 
 def _train(overrides, stop_after_step=None):
-    from pr2_megatron.config import load_config
-    from pr2_megatron.parallel import destroy_parallel
-    from pr2_megatron.train import Trainer
+    from pr2_megatron.rl.config import load_config
+    from pr2_megatron.rl.train import Trainer
+    from pr2_megatron.runtime.parallel import destroy_parallel
 
     trainer = Trainer(load_config("configs/tiny.yaml", overrides))
     if stop_after_step is not None:

@@ -9,18 +9,17 @@ run can be compared with the single-process reference on identical weights.
 
 from __future__ import annotations
 
-import contextlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from pr2_megatron.model import MoEModelConfig, build_gpt_moe
-from pr2_megatron.parallel import ParallelConfig, initialize_parallel
-from pr2_megatron.router import PR2RouterConfig
+from pr2_megatron.models import MoEModelConfig, build_gpt_moe
+from pr2_megatron.models.parameters import global_parameters
+from pr2_megatron.routing.router import PR2RouterConfig
+from pr2_megatron.runtime.cpu import pipeline_on_cpu
+from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
 
 
 @dataclass
@@ -42,28 +41,6 @@ def build(setup: TinySetup, router: str = "pr2"):
 def global_state_dict(model) -> dict[str, torch.Tensor]:
     """State of a single-process model keyed by global layer and expert index (detached copies)."""
     return {name: tensor.detach().clone() for name, tensor in global_parameters(model).items()}
-
-
-def global_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """Each parameter of ``model`` (any layout) under its global (single-process) name."""
-    from megatron.core import parallel_state
-
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    out = {}
-    layers = model.decoder.layers
-    for name, param in model.named_parameters():
-        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-        if match:
-            local, rest = int(match.group(1)), match.group(2)
-            layer = layers[local]
-            expert = re.match(r"(mlp\.experts\.local_experts\.)(\d+)(\..*)", rest)
-            if expert:
-                num_local = layer.mlp.num_local_experts
-                global_expert = ep_rank * num_local + int(expert.group(2))
-                rest = f"{expert.group(1)}{global_expert}{expert.group(3)}"
-            name = f"decoder.layers.{layer.layer_number - 1}.{rest}"
-        out[name] = param
-    return out
 
 
 def load_full_state(model, full_state: dict[str, torch.Tensor]) -> None:
@@ -89,7 +66,7 @@ def load_full_state(model, full_state: dict[str, torch.Tensor]) -> None:
 
 def randomize_predictors(model, scale: float, seed: int) -> None:
     """Give every evolution predictor the same random weights on every rank (test drift)."""
-    from pr2_megatron.router import PR2Router
+    from pr2_megatron.routing.router import PR2Router
 
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
@@ -119,8 +96,8 @@ def build_megatron_replay_model(setup: TinySetup):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from pr2_megatron.model import transformer_config
-    from pr2_megatron.specs import pr2_decoder_block_spec
+    from pr2_megatron.models.builder import transformer_config
+    from pr2_megatron.routing.specs import pr2_decoder_block_spec
 
     initialize_parallel(setup.parallel, seed=setup.seed)
     config = transformer_config(setup.model, setup.parallel)
@@ -137,53 +114,6 @@ def build_megatron_replay_model(setup: TinySetup):
 
 
 # ------------------------------------------------------------------ pipeline schedules on CPU
-class _CudaFactoriesOnCPU(TorchFunctionMode):
-    """Turns ``device="cuda"`` of tensor factories into the CPU (see :func:`pipeline_on_cpu`)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def pipeline_on_cpu(model_chunks: Sequence[torch.nn.Module]):
-    """Let Megatron's pipeline schedules (``get_forward_backward_func``) run on CPU with gloo.
-
-    megatron-core 0.16.1's schedules need two things a CPU build of torch lacks:
-
-    * ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`` in all three
-      schedules (no pipelining, 1F1B, interleaved): inside this context tensor factories asked
-      for ``device="cuda"`` get the CPU (a torch function mode, active only in the context);
-    * ``batch_p2p_comm`` (on by default) is switched off in the chunks' config. With it,
-      ``torch.cuda.synchronize()`` runs after every batched p2p (``batch_p2p_sync``), and,
-      worse, on gloo the interleaved (VPP) schedule with PP=2 silently crosses messages: one
-      ``batch_isend_irecv`` posts a gradient (``send_prev``) and an activation (``send_next``)
-      to the same rank with the same tag, that rank posts its activation receive first, and
-      gloo matches them in posting order -- same shapes, so no error, wrong numbers from the
-      first steady-state micro-batch on. Megatron's unbatched path (``_p2p_ops``) posts each
-      rank's sends in the order its peer posts the receives (one group per sending rank when
-      PP=2), so nothing crosses.
-
-    On a machine with CUDA this changes nothing; on CPU the configs are restored on exit.
-    """
-    if torch.cuda.is_available():
-        yield
-        return
-    configs = [chunk.config for chunk in model_chunks]
-    saved = [config.batch_p2p_comm for config in configs]
-    for config in configs:
-        config.batch_p2p_comm = False
-    try:
-        with _CudaFactoriesOnCPU():
-            yield
-    finally:
-        for config, value in zip(configs, saved):
-            config.batch_p2p_comm = value
-
-
 def forward_backward(
     model_chunks: Sequence[torch.nn.Module],
     forward_step_func,

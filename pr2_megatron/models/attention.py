@@ -1,0 +1,163 @@
+"""Attention features the real models need that Megatron's stock local spec lacks.
+
+Per-head q/k RMSNorm usable with sequence parallelism (Qwen3-MoE), an RMSNorm over a token's
+whole q or k projection (OLMoE), and MLA's core attention with separate q/k and v head dims
+(DeepSeek-V3, Moonlight) on the local spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from pr2_megatron.models.config import MoEModelConfig
+
+__all__ = ["HeadQKNorm", "MLACoreAttention", "ProjectionQKNorm", "with_attention_features"]
+
+
+def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_engine=None):
+    """Copy of a decoder block spec with the attention features ``model`` asks for.
+
+    * ``qk_norm='projection'`` (OLMoE): q/k norms become :class:`ProjectionQKNorm`, one RMSNorm
+      over all heads of a token (Megatron's spec only has per-head q/k norms).
+    * ``qk_norm='head'`` on the local spec: the torch norm of :class:`HeadQKNorm`, which accepts
+      sequence parallelism and marks its weight for a TP gradient sum.
+    * MLA on the local spec: :class:`MLACoreAttention` as core attention (core 0.16.1's local
+      ``DotProductAttention`` does not take MLA's separate q/k and v head dims).
+    """
+    from pr2_megatron.routing.compat import megatron_features
+
+    use_te = (
+        megatron_features().have_te if use_transformer_engine is None else use_transformer_engine
+    )
+    if model.multi_latent_attention:
+        _check_mla_buildable()
+    layers = []
+    for layer in block_spec.layer_specs:
+        attention = layer.submodules.self_attention
+        replaced = {}
+        if model.multi_latent_attention:
+            if not use_te:
+                replaced["core_attention"] = MLACoreAttention
+        elif model.qk_norm == "projection":
+            replaced["q_layernorm"] = _projection_norm_spec("query")
+            replaced["k_layernorm"] = _projection_norm_spec("key")
+        elif model.qk_norm == "head" and not use_te:
+            replaced["q_layernorm"] = HeadQKNorm
+            replaced["k_layernorm"] = HeadQKNorm
+        if replaced:
+            submodules = dataclasses.replace(attention.submodules, **replaced)
+            attention = dataclasses.replace(attention, submodules=submodules)
+            layer = dataclasses.replace(
+                layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention)
+            )
+        layers.append(layer)
+    return dataclasses.replace(block_spec, layer_specs=layers)
+
+
+def _projection_norm_spec(role: Literal["query", "key"]):
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(module=ProjectionQKNorm, params={"role": role})
+
+
+def _check_mla_buildable() -> None:
+    """Fail clearly where core 0.16.1 cannot build ``MLASelfAttention`` (no TE, CPU).
+
+    Without Transformer Engine, ``megatron.core.extensions.transformer_engine`` still imports
+    and leaves ``TELinear`` as a ``MagicMock`` instance, so ``MLASelfAttention.__init__``'s
+    ``isinstance(self.linear_proj, TELinear)`` raises ``TypeError``. A CPU bring-up that sets
+    ``multi_latent_attention.TELinear`` to a plain class makes it build.
+    """
+    from megatron.core.transformer import multi_latent_attention
+
+    te_linear = getattr(multi_latent_attention, "TELinear", None)
+    if getattr(multi_latent_attention, "HAVE_TE", False) and not isinstance(te_linear, type):
+        raise RuntimeError(
+            "megatron-core cannot build multi-latent attention here: Transformer Engine is not "
+            "installed, but megatron.core.transformer.multi_latent_attention.TELinear is a "
+            f"placeholder ({type(te_linear).__name__}), which MLASelfAttention passes to "
+            "isinstance(); give it a plain class in the CPU bring-up, or use "
+            "model.multi_latent_attention=false (standard attention) on CPU"
+        )
+
+
+class HeadQKNorm(torch.nn.RMSNorm):
+    """Per-head q/k RMSNorm (Qwen3-MoE) from torch, usable with sequence parallelism.
+
+    Megatron's torch-norm fallback asserts that sequence parallelism is off. The weight is
+    replicated over TP while each TP rank normalises only its own heads, so its gradient is a
+    sum over TP: it is marked ``sequence_parallel`` (the attribute Megatron and
+    :func:`pr2_megatron.runtime.parallel.average_gradients` use for a TP all-reduce) when TP > 1.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.tensor_model_parallel_size > 1
+
+
+class ProjectionQKNorm(torch.nn.Module):
+    """RMSNorm over a token's whole query or key projection (all heads), as OLMoE does.
+
+    Built by Megatron's attention with ``hidden_size`` = head dim; it normalises the
+    ``[s, b, heads, head_dim]`` tensor over ``heads × head_dim``. Under TP each rank holds its
+    heads' slice of the weight (``tensor_model_parallel``, partition dim 0) and the sum of
+    squares is all-reduced over the TP group (autograd-aware), so the result equals the
+    unsharded norm.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        role: Literal["query", "key"] = "query",
+        **_unused,
+    ) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        super().__init__()
+        heads = config.num_attention_heads
+        if role == "key":
+            heads = config.num_query_groups or config.num_attention_heads
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if heads % tp_size:
+            raise ValueError(f"{heads} {role} heads do not split over TP={tp_size}")
+        self.eps = eps
+        self.full_width = heads * hidden_size
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
+        local = heads // tp_size * hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``[s, b, heads, head_dim]`` over its last two dimensions (all TP ranks)."""
+        flat = x.reshape(*x.shape[:-2], -1).float()
+        square_sum = flat.pow(2).sum(-1, keepdim=True)
+        if self.tp_group is not None:
+            from torch.distributed.nn.functional import all_reduce
+
+            square_sum = all_reduce(square_sum, group=self.tp_group)
+        normed = flat * torch.rsqrt(square_sum / self.full_width + self.eps)
+        return (self.weight * normed.to(x.dtype)).reshape(x.shape)
+
+
+class MLACoreAttention(DotProductAttention):
+    """Megatron's local ``DotProductAttention`` with MLA's separate q/k and v head dims.
+
+    MLA builds its core attention with ``k_channels`` (qk_head_dim + qk_pos_emb_head_dim) and
+    ``v_channels`` (v_head_dim); the local class takes neither in core 0.16.1. The score and
+    softmax math are the base class's (shape-generic); only the output width is
+    ``heads × v_channels``.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs) -> None:
+        kwargs.pop("k_channels", None)
+        v_channels = kwargs.pop("v_channels", None)
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition

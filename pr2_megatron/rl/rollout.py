@@ -1,0 +1,226 @@
+"""Rollout with the Megatron model itself: batched sampling with route capture.
+
+Legend: B sequences of a micro-batch, S the fixed forward length, L MoE layers of this rank, K
+top-k, V vocabulary.
+
+Every generation step runs one forward over the whole ``[B, S]`` buffer (no KV cache: the tiny
+models this runs on CPU make that cheap, and every step has the same shape, so a position's
+numbers do not change between steps). Routes are captured *as the tokens are generated*: the
+prompt's rows from the first forward, then each new token's row from the forward that consumed
+it. All ranks of an expert-parallel group run the same number of forwards (``max_new_tokens``
+per micro-batch), whether or not their sequences have already stopped, so the dispatcher's
+collectives always match.
+
+The rollout may run with other numerics than training (``dtype='bf16'``: autocast to bfloat16,
+as a separate inference engine would), which is what makes r3 (rollout routes) differ from r2
+(routes of the trainer's own old-policy pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from pr2_megatron.rl.tasks import EOS, PAD, Problem
+from pr2_megatron.routes.path import MicroBatch
+
+
+@dataclass
+class RolloutMicroBatch:
+    """One rollout micro-batch: sequences, their lengths, log-probs and captured routes."""
+
+    #: ``[B, S + 1]`` prompt + response, right-padded; training input is ``[:, :S]``,
+    #: labels ``[:, 1:]``.
+    tokens: torch.Tensor
+    #: ``[B]`` prompt lengths and total lengths (prompt + response).
+    prompt_lens: torch.Tensor
+    total_lens: torch.Tensor
+    #: ``[B, S]`` log π_rollout of ``tokens[:, t + 1]`` at position t (0 outside responses).
+    logprobs: torch.Tensor
+    #: Sample ids of the B sequences (names in route tables and the feature cache).
+    sample_ids: list[int] = field(default_factory=list)
+    #: ``[S, B, L, K]`` routes used at rollout (predicted ones in the predict phase) and the
+    #: plain-replay route (the live top-k); rows at positions ``>= total_lens - 1`` are not
+    #: meaningful. None when the routers did not record. With sequence parallelism: this TP
+    #: rank's ``S / TP`` chunk.
+    routes_SBLK: Optional[torch.Tensor] = None
+    plain_routes_SBLK: Optional[torch.Tensor] = None
+
+    @property
+    def input_lens(self) -> list[int]:
+        """Token rows of each sample's training input (its routes in the route table)."""
+        return (self.total_lens - 1).tolist()
+
+    def loss_mask(self) -> torch.Tensor:
+        """``[B, S]`` 1.0 at the positions whose next token is a response token."""
+        seq = self.logprobs.shape[1]
+        position = torch.arange(seq).unsqueeze(0)
+        return (
+            (position >= self.prompt_lens.unsqueeze(1) - 1)
+            & (position < self.total_lens.unsqueeze(1) - 1)
+        ).float()
+
+    def responses(self) -> list[list[int]]:
+        """Response token ids of each sample (``<eos>`` included when generated)."""
+        return [
+            self.tokens[b, int(p) : int(n)].tolist()
+            for b, (p, n) in enumerate(zip(self.prompt_lens, self.total_lens))
+        ]
+
+
+def full_vocab_logits(logits_BSV: torch.Tensor) -> torch.Tensor:
+    """Gather vocabulary-parallel logits over tensor-parallel ranks (no-op at TP=1)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits_BSV
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits_BSV)
+
+
+def forward_logits(model, ids_BS: torch.Tensor) -> torch.Tensor:
+    """``[B, S, V]`` full-vocabulary logits of ``model`` for right-padded ``ids``."""
+    positions = torch.arange(ids_BS.shape[1], device=ids_BS.device).expand_as(ids_BS)
+    return full_vocab_logits(model(ids_BS, positions, None))
+
+
+def numerics(dtype: str):
+    """Context for a forward in ``dtype``: bf16 autocast, or nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype == "bf16":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    raise ValueError(f"rollout dtype must be fp32 or bf16, got {dtype!r}")
+
+
+def sample_tokens(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row (temperature, nucleus ``top_p``); return ids and log-probs.
+
+    The log-prob is that of the tempered distribution (before nucleus truncation), the
+    distribution training evaluates.
+    """
+    logprobs_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
+    probs_BV = logprobs_BV.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs_BV.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_probs)
+    tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    return tokens_B, logprobs_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
+
+
+def generate(
+    model,
+    problems: list[Problem],
+    *,
+    seq_len: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+    path=None,
+    sample_ids: Optional[list[int]] = None,
+    dtype: str = "fp32",
+) -> RolloutMicroBatch:
+    """Sample responses for ``problems`` (one micro-batch) and capture their routes.
+
+    ``path`` (a :class:`~pr2_megatron.routes.RoutePath` whose controller is already in the
+    ``record`` or ``predict`` phase, or None) supplies the routes; they are read from the
+    forwards this call runs, so earlier forwards of the same phase may exist. In the predict
+    phase the predictor's feature cache is offered each position once, when its route is
+    captured, under the path's token names of ``sample_ids`` (default ``0..B-1``).
+    """
+    batch = len(problems)
+    sample_ids = list(range(batch)) if sample_ids is None else list(sample_ids)
+    prompt_lens = torch.tensor([len(p.prompt) for p in problems])
+    if int(prompt_lens.max()) + max_new_tokens - 1 > seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} is too short for prompts of {int(prompt_lens.max())} tokens and "
+            f"{max_new_tokens} new tokens"
+        )
+    tokens = torch.full((batch, seq_len + 1), PAD, dtype=torch.long)
+    for row, problem in enumerate(problems):
+        tokens[row, : len(problem.prompt)] = torch.tensor(problem.prompt)
+    lengths = prompt_lens.clone()
+    active = torch.ones(batch, dtype=torch.bool)
+    logprobs = torch.zeros(batch, seq_len)
+    controller = None if path is None else path.controller
+    recording = controller is not None and bool(controller.routers)
+    first_forward = len(controller.routers[0].recorded) if recording else 0
+    names = MicroBatch(sample_ids, seq_len) if recording else None
+    # Which position's route to keep from each forward: prefill keeps the prompt, later steps
+    # the token just fed (-1: nothing, the sequence has stopped).
+    keep_after_prefill: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        if recording:
+            captured = _captured_positions(step, prompt_lens, lengths, active, seq_len)
+            path.name_tokens(names, captured)
+        with torch.no_grad(), numerics(dtype):
+            logits = forward_logits(model, tokens[:, :seq_len])
+        last_BV = logits[torch.arange(batch), lengths - 1]
+        new_tokens, new_logprobs = sample_tokens(last_BV, temperature, top_p, generator)
+        if step > 0:
+            keep_after_prefill.append(torch.where(active, lengths - 1, -1))
+        rows = torch.nonzero(active).squeeze(-1)
+        tokens[rows, lengths[rows]] = new_tokens[rows]
+        logprobs[rows, lengths[rows] - 1] = new_logprobs[rows]
+        lengths[rows] += 1
+        active &= new_tokens != EOS
+    out = RolloutMicroBatch(tokens, prompt_lens, lengths, logprobs, sample_ids)
+    if recording:
+        out.routes_SBLK, out.plain_routes_SBLK = _captured_routes(
+            controller, first_forward, seq_len, batch, prompt_lens, keep_after_prefill
+        )
+    return out
+
+
+def _captured_positions(step, prompt_lens, lengths, active, seq_len) -> torch.Tensor:
+    """``[S, B]`` bool: the positions whose route this generation step captures."""
+    position = torch.arange(seq_len).unsqueeze(1)
+    if step == 0:
+        return position < prompt_lens.unsqueeze(0)
+    return (position == (lengths - 1).unsqueeze(0)) & active.unsqueeze(0)
+
+
+def _captured_routes(controller, first_forward, seq_len, batch, prompt_lens, keep_after_prefill):
+    """Assemble ``[S_local, B, L, K]`` routes from the forwards of one :func:`generate` call.
+
+    With sequence parallelism a rank's routers see only its chunk of ``S / TP`` positions; the
+    chunk is assembled here and gathered over TP together with the other ranks' routes later
+    (:meth:`pr2_megatron.routes.RoutePath.gather`).
+    """
+    phase = controller.phase.value
+    routes = controller.collect_routes()[first_forward:]
+    plain = controller.collect_plain_routes()[first_forward:] if phase == "predict" else routes
+    local_len = routes[0].shape[0] // batch
+    start = _chunk_start(seq_len, local_len)
+    shape = (local_len, batch, *routes[0].shape[1:])
+    out, out_plain = (torch.zeros(shape, dtype=torch.long) for _ in range(2))
+    prompt_end = (prompt_lens - start).clamp(0, local_len)
+    prefill, prefill_plain = routes[0].view(shape), plain[0].view(shape)
+    for b in range(batch):
+        out[: prompt_end[b], b] = prefill[: prompt_end[b], b]
+        out_plain[: prompt_end[b], b] = prefill_plain[: prompt_end[b], b]
+    for forward, positions in enumerate(keep_after_prefill, start=1):
+        step_routes, step_plain = routes[forward].view(shape), plain[forward].view(shape)
+        for b, position in enumerate(positions.tolist()):
+            local = position - start
+            if position >= 0 and 0 <= local < local_len:
+                out[local, b] = step_routes[local, b]
+                out_plain[local, b] = step_plain[local, b]
+    return out, out_plain
+
+
+def _chunk_start(seq_len: int, local_len: int) -> int:
+    """First position of this rank's sequence chunk (sequence parallelism), else 0."""
+    if local_len == seq_len:
+        return 0
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank() * local_len

@@ -1,0 +1,630 @@
+"""Route table: the routes of a whole rollout batch, packed per token.
+
+PR2 records, at rollout, the experts each token is sent to in every MoE layer (the *predicted*
+routes, and beside them the plain-replay route: the live top-k at rollout) and replays them in
+training. The table is packed per token (no padding to the longest sample), stores global expert
+ids in the smallest integer dtype that holds ``num_experts`` ids (never wrapping), and carries the
+metadata needed to find a sample's rows: sample ids, cumulative sequence lengths, the global
+layer numbers of the MoE layers covered, E and k. Files: :mod:`pr2_megatron.routes.files`
+(safetensors, never pickle); rollout engines' format: :mod:`pr2_megatron.routes.engine`.
+
+Every check is vectorized over tokens; a detailed message (sample id, token position within the
+sample, global layer number, bad value) is built only once a check has failed. Every error is a
+:class:`~pr2_megatron.errors.RouteError`.
+
+Legend for shape-suffixed names:
+    T  tokens (all samples packed, sample i owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``)
+    L  MoE layers covered by the table (``layer_numbers``)
+    K  top-k (experts per token per layer)
+    E  experts
+    N  samples
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from pr2_megatron.errors import RouteError
+
+__all__ = ["RouteTable", "route_dtype"]
+
+# Largest expert count per storage dtype: ids 0..E-1 must fit without wrapping.
+_MAX_EXPERTS_UINT8 = 256
+_MAX_EXPERTS_INT16 = 32767
+_MAX_EXPERTS_INT32 = 2**31 - 1
+
+IntArray = Union[torch.Tensor, np.ndarray]
+SampleIds = Union[Sequence[int], torch.Tensor, np.ndarray]
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """Return the smallest integer dtype that holds expert ids ``0..num_experts-1``.
+
+    uint8 for E <= 256, int16 for E <= 32767, int32 beyond (up to 2**31 - 1).
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
+        raise RouteError(f"num_experts must be an int, got {num_experts!r}")
+    if num_experts < 1:
+        raise RouteError(f"num_experts must be >= 1, got {num_experts}")
+    if num_experts <= _MAX_EXPERTS_UINT8:
+        return torch.uint8
+    if num_experts <= _MAX_EXPERTS_INT16:
+        return torch.int16
+    if num_experts <= _MAX_EXPERTS_INT32:
+        return torch.int32
+    raise RouteError(f"num_experts={num_experts} does not fit int32 expert ids")
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorized value checks; each returns the first offending entry, or None.
+# --------------------------------------------------------------------------------------------
+
+
+def _first_out_of_range(values_TLK: torch.Tensor, num_experts: int) -> tuple[int, int, int] | None:
+    """Return ``(t, l, id)`` of the first expert id outside ``[0, num_experts)``, else None."""
+    info = torch.iinfo(values_TLK.dtype)
+    bad_TLK = torch.zeros(values_TLK.shape, dtype=torch.bool, device=values_TLK.device)
+    # Compare only against bounds the dtype can represent: `uint8_tensor >= 256` wraps 256 to 0
+    # and flags everything, so a bound beyond the dtype's range means "cannot be violated".
+    if info.min < 0:
+        bad_TLK |= values_TLK < 0
+    if num_experts - 1 < info.max:
+        bad_TLK |= values_TLK > num_experts - 1
+    if not bool(bad_TLK.any()):
+        return None
+    t, layer, k = (int(i) for i in bad_TLK.nonzero()[0])
+    return t, layer, int(values_TLK[t, layer, k])
+
+
+def _first_duplicate(values_TLK: torch.Tensor) -> tuple[int, int, int] | None:
+    """Return ``(t, l, id)`` of the first (token, layer) row with a repeated expert id."""
+    if values_TLK.shape[-1] < 2 or values_TLK.numel() == 0:
+        return None
+    sorted_TLK = values_TLK.sort(dim=-1).values
+    dup_TLK = sorted_TLK[..., 1:] == sorted_TLK[..., :-1]
+    if not bool(dup_TLK.any()):
+        return None
+    t, layer, j = (int(i) for i in dup_TLK.nonzero()[0])
+    return t, layer, int(sorted_TLK[t, layer, j])
+
+
+def _as_int_tensor(values: IntArray, what: str) -> torch.Tensor:
+    """Turn a tensor or numpy array of integers into a tensor whose dtype supports comparisons."""
+    if isinstance(values, np.ndarray):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise RouteError(f"{what}: expected an integer array, got dtype {values.dtype}")
+        values = torch.from_numpy(np.ascontiguousarray(values))
+    if not isinstance(values, torch.Tensor):
+        raise RouteError(f"{what}: expected a torch.Tensor or numpy array, got {type(values)}")
+    if values.dtype == torch.bool or values.dtype.is_floating_point or values.dtype.is_complex:
+        raise RouteError(f"{what}: expected an integer dtype, got {values.dtype}")
+    if values.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # Barely supported unsigned types: widen so comparisons and sort work everywhere.
+        values = values.to(torch.int64)
+    return values
+
+
+def _as_id_list(sample_ids: SampleIds, what: str) -> list[int]:
+    """Turn sample ids (sequence, tensor or array of ints) into a list of Python ints."""
+    if isinstance(sample_ids, (torch.Tensor, np.ndarray)):
+        if sample_ids.ndim != 1:
+            raise RouteError(f"{what} must be 1-D, got shape {tuple(sample_ids.shape)}")
+        return [int(i) for i in sample_ids.tolist()]
+    out = []
+    for i in sample_ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise RouteError(f"{what} must hold ints, got {i!r}")
+        out.append(int(i))
+    return out
+
+
+def _first_repeat(ids: Sequence[int]) -> int | None:
+    """Return the first id that occurs twice in ``ids``, else None."""
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+@dataclass(eq=False, repr=False)
+class RouteTable:
+    """Routes for a whole rollout batch, packed per token (no padding).
+
+    Build it with :meth:`from_samples` (or :func:`from_engine_routed_experts`), which validates;
+    a table built directly is checked only when :meth:`validate` is called.
+
+    Attributes:
+        routes_TLK: global expert ids, dtype ``route_dtype(num_experts)``; row t is one token,
+            column l the MoE layer ``layer_numbers[l]``; the k ids of a row are distinct.
+        cu_seqlens: int64 [N+1] cumulative token counts (``cu_seqlens[0] == 0``,
+            ``cu_seqlens[-1] == T``); sample i owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``.
+        sample_ids: int64 [N], the caller's id for each sample (unique), e.g. its index in the
+            rollout batch.
+        layer_numbers: global 1-based (Megatron-numbered) layer numbers of the covered MoE
+            layers, strictly increasing.
+        num_experts: E, the number of routed experts per MoE layer.
+        topk: K, experts per token per layer.
+        plain_routes_TLK: optional live top-k at rollout (same shape and dtype), kept beside the
+            predicted routes for metrics.
+
+    """
+
+    routes_TLK: torch.Tensor
+    cu_seqlens: torch.Tensor
+    sample_ids: torch.Tensor
+    layer_numbers: tuple[int, ...]
+    num_experts: int
+    topk: int
+    plain_routes_TLK: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Construction
+    # ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_samples(
+        cls,
+        per_sample: Sequence[IntArray],
+        *,
+        sample_ids: SampleIds,
+        layer_numbers: Sequence[int],
+        num_experts: int,
+        topk: int,
+        plain_per_sample: Sequence[IntArray] | None = None,
+    ) -> RouteTable:
+        """Pack per-sample routes ``[T_i, L, K]`` (any integer dtype) into a validated table.
+
+        Ids are range-checked in their input dtype before narrowing to
+        ``route_dtype(num_experts)``, so an out-of-range id is reported, never wrapped.
+        """
+        dtype = route_dtype(num_experts)
+        layer_numbers = tuple(int(n) for n in layer_numbers)
+        ids = _as_id_list(sample_ids, "sample_ids")
+        if len(ids) != len(per_sample):
+            raise RouteError(f"got {len(per_sample)} samples but {len(ids)} sample_ids")
+        if plain_per_sample is not None and len(plain_per_sample) != len(per_sample):
+            raise RouteError(
+                f"got {len(per_sample)} samples but {len(plain_per_sample)} plain_per_sample "
+                "entries"
+            )
+        routes_TLK = _pack(per_sample, ids, layer_numbers, num_experts, topk, dtype, "routes")
+        plain_routes_TLK = None
+        if plain_per_sample is not None:
+            plain_routes_TLK = _pack(
+                plain_per_sample,
+                ids,
+                layer_numbers,
+                num_experts,
+                topk,
+                dtype,
+                "plain-replay routes",
+            )
+        lengths = torch.tensor([0] + [int(r.shape[0]) for r in per_sample], dtype=torch.int64)
+        table = cls(
+            routes_TLK=routes_TLK,
+            cu_seqlens=lengths.cumsum(0),
+            sample_ids=torch.tensor(ids, dtype=torch.int64),
+            layer_numbers=layer_numbers,
+            num_experts=int(num_experts),
+            topk=int(topk),
+            plain_routes_TLK=plain_routes_TLK,
+        )
+        table.validate()
+        return table
+
+    @classmethod
+    def concat(cls, tables: Sequence[RouteTable]) -> RouteTable:
+        """Join tables with the same layers, E and k (e.g. micro-batches or ranks), in order.
+
+        Sample ids must stay unique across the inputs; either all or none carry plain-replay routes.
+        """
+        if len(tables) == 0:
+            raise RouteError("concat needs at least one RouteTable")
+        first = tables[0]
+        for i, tab in enumerate(tables):
+            if not isinstance(tab, RouteTable):
+                raise RouteError(f"concat: table {i} is a {type(tab).__name__}, not a RouteTable")
+            for field in ("layer_numbers", "num_experts", "topk"):
+                if getattr(tab, field) != getattr(first, field):
+                    raise RouteError(
+                        f"concat: table {i} has {field}={getattr(tab, field)}, "
+                        f"table 0 has {getattr(first, field)}"
+                    )
+            if (tab.plain_routes_TLK is None) != (first.plain_routes_TLK is None):
+                raise RouteError(
+                    f"concat: table {i} {'lacks' if tab.plain_routes_TLK is None else 'has'} "
+                    "plain_routes_TLK, table 0 "
+                    f"{'has' if tab.plain_routes_TLK is None else 'lacks'} it"
+                )
+        owner: dict[int, int] = {}
+        for i, tab in enumerate(tables):
+            for sid in tab.sample_ids.tolist():
+                if sid in owner:
+                    raise RouteError(
+                        f"concat: duplicate sample id {sid} (in table {owner[sid]} and table {i})"
+                    )
+                owner[sid] = i
+        lengths = torch.cat([tab.cu_seqlens.diff() for tab in tables])
+        table = cls(
+            routes_TLK=torch.cat([tab.routes_TLK for tab in tables]),
+            cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]),
+            sample_ids=torch.cat([tab.sample_ids for tab in tables]),
+            layer_numbers=first.layer_numbers,
+            num_experts=first.num_experts,
+            topk=first.topk,
+            plain_routes_TLK=(
+                None
+                if first.plain_routes_TLK is None
+                else torch.cat([tab.plain_routes_TLK for tab in tables])
+            ),
+        )
+        table.validate()
+        return table
+
+    # ----------------------------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check layout and contents; raise ValueError naming sample id, layer and bad value.
+
+        Checks: E, k and layer numbers; routes dtype (``route_dtype(E)``) and shape
+        ``(T, len(layer_numbers), k)``; ``cu_seqlens`` (int64, starts at 0, non-decreasing,
+        ends at T); ``sample_ids`` (int64, one per sample, unique); every id in ``[0, E)``;
+        the k ids of every (token, layer) row distinct. The same for ``plain_routes_TLK``.
+        """
+        self._validate_layout()
+        self._validate_values(self.routes_TLK, "routes_TLK")
+        if self.plain_routes_TLK is not None:
+            self._validate_values(self.plain_routes_TLK, "plain_routes_TLK")
+
+    def _validate_layout(self) -> None:
+        """Metadata, dtypes, shapes, ``cu_seqlens`` and ``sample_ids`` (no per-token work)."""
+        dtype = route_dtype(self.num_experts)
+        _check_layers_and_topk(self.layer_numbers, self.num_experts, self.topk)
+
+        for name in ("routes_TLK", "plain_routes_TLK"):
+            routes = getattr(self, name)
+            if routes is None and name == "plain_routes_TLK":
+                continue
+            if not isinstance(routes, torch.Tensor):
+                raise RouteError(f"{name} must be a torch.Tensor, got {type(routes).__name__}")
+            if routes.dtype != dtype:
+                raise RouteError(
+                    f"{name} has dtype {routes.dtype}, expected {dtype} for "
+                    f"num_experts={self.num_experts}"
+                )
+            if routes.ndim != 3 or tuple(routes.shape[1:]) != (len(self.layer_numbers), self.topk):
+                raise RouteError(
+                    f"{name} has shape {tuple(routes.shape)}, expected (T, L, K) = "
+                    f"(T, {len(self.layer_numbers)}, {self.topk}) for MoE layers "
+                    f"{list(self.layer_numbers)} and topk={self.topk}"
+                )
+        if (
+            self.plain_routes_TLK is not None
+            and self.plain_routes_TLK.shape != self.routes_TLK.shape
+        ):
+            raise RouteError(
+                f"plain_routes_TLK has shape {tuple(self.plain_routes_TLK.shape)}, routes_TLK has "
+                f"{tuple(self.routes_TLK.shape)}"
+            )
+
+        cu = self.cu_seqlens
+        num_tokens = self.routes_TLK.shape[0]
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int64 or cu.ndim != 1:
+            raise RouteError(f"cu_seqlens must be a 1-D int64 tensor, got {_describe(cu)}")
+        if cu.numel() == 0 or int(cu[0]) != 0:
+            raise RouteError(f"cu_seqlens must start at 0, got {cu[:4].tolist()}...")
+        lengths = cu.diff()
+        if bool((lengths < 0).any()):
+            i = int((lengths < 0).nonzero()[0])
+            sid = self._sample_id_at(i)
+            raise RouteError(
+                f"cu_seqlens must be non-decreasing: sample id {sid} (index {i}) spans "
+                f"{int(cu[i])}..{int(cu[i + 1])}"
+            )
+        if int(cu[-1]) != num_tokens:
+            raise RouteError(
+                f"cu_seqlens ends at {int(cu[-1])} but routes_TLK has T={num_tokens} tokens"
+            )
+
+        sids = self.sample_ids
+        if not isinstance(sids, torch.Tensor) or sids.dtype != torch.int64 or sids.ndim != 1:
+            raise RouteError(f"sample_ids must be a 1-D int64 tensor, got {_describe(sids)}")
+        if sids.numel() != cu.numel() - 1:
+            raise RouteError(
+                f"{sids.numel()} sample_ids for N={cu.numel() - 1} samples in cu_seqlens"
+            )
+        if sids.numel() > 1:
+            sorted_ids = sids.sort().values
+            rep = sorted_ids[1:] == sorted_ids[:-1]
+            if bool(rep.any()):
+                dup = int(sorted_ids[1:][rep][0])
+                raise RouteError(f"sample id {dup} occurs more than once in sample_ids")
+
+    def _validate_values(self, routes_TLK: torch.Tensor, name: str) -> None:
+        """Expert id range and distinct ids per row, vectorized; message built only on failure."""
+        bad = _first_out_of_range(routes_TLK, self.num_experts)
+        if bad is not None:
+            t, layer, value = bad
+            raise RouteError(
+                f"{name}: {self._where(t, layer)}: expert id {value} out of range "
+                f"[0, {self.num_experts})"
+            )
+        dup = _first_duplicate(routes_TLK)
+        if dup is not None:
+            t, layer, value = dup
+            row = routes_TLK[t, layer].tolist()
+            raise RouteError(
+                f"{name}: {self._where(t, layer)}: duplicate expert id {value} in top-{self.topk} "
+                f"row {row} (duplicates break alltoall split sizes)"
+            )
+
+    def _where(self, t: int, layer: int) -> str:
+        """Describe packed row t, layer column l as sample id / token position / layer number."""
+        t_1 = torch.tensor([t], device=self.cu_seqlens.device)
+        i = int(torch.searchsorted(self.cu_seqlens, t_1, right=True)[0]) - 1
+        pos = t - int(self.cu_seqlens[i])
+        return (
+            f"sample id {self._sample_id_at(i)}, token {pos} (row {t}), "
+            f"MoE layer {self.layer_numbers[layer]}"
+        )
+
+    def _sample_id_at(self, i: int) -> Any:
+        """Sample id of the i-th sample, or a placeholder when sample_ids is unusable."""
+        try:
+            return int(self.sample_ids[i])
+        except (IndexError, TypeError, RuntimeError, ValueError):
+            return f"<index {i}>"
+
+    # ----------------------------------------------------------------------------------------
+    # Shape and lookup
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        """T, tokens over all samples."""
+        return int(self.routes_TLK.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        """N, samples in the table."""
+        return int(self.sample_ids.numel())
+
+    @property
+    def num_layers(self) -> int:
+        """L, MoE layers covered."""
+        return len(self.layer_numbers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of route storage: ``routes_TLK`` plus ``plain_routes_TLK`` when present."""
+        total = self.routes_TLK.numel() * self.routes_TLK.element_size()
+        if self.plain_routes_TLK is not None:
+            total += self.plain_routes_TLK.numel() * self.plain_routes_TLK.element_size()
+        return total
+
+    def sample_slice(self, i: int) -> slice:
+        """Rows of the i-th sample in table order (an index 0..N-1, not a sample id)."""
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample index {i} out of range for {self.num_samples} samples")
+        i %= self.num_samples
+        return slice(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1]))
+
+    def _indices_of(self, sample_ids: SampleIds) -> torch.Tensor:
+        """Sample indices (into ``sample_ids``) of the given ids, in the given order."""
+        wanted = _as_id_list(sample_ids, "sample_ids")
+        index = {sid: i for i, sid in enumerate(self.sample_ids.tolist())}
+        missing = [sid for sid in wanted if sid not in index]
+        if missing:
+            shown = self.sample_ids[:16].tolist()
+            more = "..." if self.num_samples > 16 else ""
+            raise RouteError(
+                f"unknown sample id {missing[0]} (table holds {self.num_samples} samples: "
+                f"{shown}{more})"
+            )
+        return torch.tensor(
+            [index[sid] for sid in wanted], dtype=torch.int64, device=self.cu_seqlens.device
+        )
+
+    def rows_for(self, sample_ids: SampleIds) -> torch.Tensor:
+        """Row indices (int64) of the given samples' tokens, concatenated in the given order."""
+        idx_N = self._indices_of(sample_ids)
+        starts_N = self.cu_seqlens[idx_N]
+        lengths_N = self.cu_seqlens[idx_N + 1] - starts_N
+        # Row r of the output belongs to request j: row = starts[j] + (r - out_offsets[j]).
+        out_offsets_N = lengths_N.cumsum(0) - lengths_N
+        shift_T = torch.repeat_interleave(starts_N - out_offsets_N, lengths_N)
+        return torch.arange(shift_T.numel(), dtype=torch.int64, device=shift_T.device) + shift_T
+
+    def select_samples(self, sample_ids: SampleIds) -> RouteTable:
+        """Return a new packed table holding the given samples, in the given order."""
+        ids = _as_id_list(sample_ids, "sample_ids")
+        rep = _first_repeat(ids)
+        if rep is not None:
+            raise RouteError(f"select_samples: sample id {rep} requested more than once")
+        idx_N = self._indices_of(ids)
+        rows = self.rows_for(ids)
+        lengths_N = self.cu_seqlens[idx_N + 1] - self.cu_seqlens[idx_N]
+        return RouteTable(
+            routes_TLK=self.routes_TLK[rows],
+            cu_seqlens=torch.cat([lengths_N.new_zeros(1), lengths_N.cumsum(0)]),
+            sample_ids=torch.tensor(ids, dtype=torch.int64, device=self.sample_ids.device),
+            layer_numbers=self.layer_numbers,
+            num_experts=self.num_experts,
+            topk=self.topk,
+            plain_routes_TLK=None if self.plain_routes_TLK is None else self.plain_routes_TLK[rows],
+        )
+
+    def layer_index(self, layer_number: int) -> int:
+        """Column of the MoE layer with global (1-based) number ``layer_number``."""
+        try:
+            return self.layer_numbers.index(layer_number)
+        except ValueError:
+            raise RouteError(
+                f"layer {layer_number} is not covered by this route table "
+                f"(MoE layers covered: {list(self.layer_numbers)})"
+            ) from None
+
+    def select_layers(self, layer_numbers: Sequence[int]) -> RouteTable:
+        """Return a table restricted to the given MoE layers (strictly increasing numbers)."""
+        layer_numbers = tuple(int(n) for n in layer_numbers)
+        if any(b <= a for a, b in zip(layer_numbers, layer_numbers[1:])):
+            raise RouteError(
+                "select_layers: layer numbers must be strictly increasing, got "
+                f"{list(layer_numbers)}"
+            )
+        cols = torch.tensor(
+            [self.layer_index(n) for n in layer_numbers],
+            dtype=torch.int64,
+            device=self.routes_TLK.device,
+        )
+        return RouteTable(
+            routes_TLK=self.routes_TLK.index_select(1, cols),
+            cu_seqlens=self.cu_seqlens.clone(),
+            sample_ids=self.sample_ids.clone(),
+            layer_numbers=layer_numbers,
+            num_experts=self.num_experts,
+            topk=self.topk,
+            plain_routes_TLK=(
+                None
+                if self.plain_routes_TLK is None
+                else self.plain_routes_TLK.index_select(1, cols)
+            ),
+        )
+
+    def check_tokens(self, sample_ids: SampleIds, num_tokens_per_sample: SampleIds) -> None:
+        """Check that the table's token counts match a micro-batch's, sample by sample.
+
+        Raises ValueError naming the first sample whose count differs (expected = micro-batch,
+        actual = table), or an unknown sample id.
+        """
+        ids = _as_id_list(sample_ids, "sample_ids")
+        expected = _as_id_list(num_tokens_per_sample, "num_tokens_per_sample")
+        if len(ids) != len(expected):
+            raise RouteError(
+                f"check_tokens: {len(ids)} sample ids but {len(expected)} token counts"
+            )
+        idx_N = self._indices_of(ids)
+        actual_N = self.cu_seqlens[idx_N + 1] - self.cu_seqlens[idx_N]
+        mismatch = actual_N != torch.tensor(expected, dtype=torch.int64, device=actual_N.device)
+        if bool(mismatch.any()):
+            j = int(mismatch.nonzero()[0])
+            raise RouteError(
+                f"sample id {ids[j]}: micro-batch has {expected[j]} tokens, route table has "
+                f"{int(actual_N[j])} (MoE layers {list(self.layer_numbers)})"
+            )
+
+    def equal(self, other: RouteTable) -> bool:
+        """Return True when ``other`` holds bit-for-bit the same tensors, dtypes and metadata."""
+
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            if a is None or b is None:
+                return a is b
+            return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+        return (
+            self.layer_numbers == other.layer_numbers
+            and self.num_experts == other.num_experts
+            and self.topk == other.topk
+            and same(self.routes_TLK, other.routes_TLK)
+            and same(self.cu_seqlens, other.cu_seqlens)
+            and same(self.sample_ids, other.sample_ids)
+            and same(self.plain_routes_TLK, other.plain_routes_TLK)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteTable(T={self.num_tokens}, N={self.num_samples}, "
+            f"layers={list(self.layer_numbers)}, E={self.num_experts}, k={self.topk}, "
+            f"dtype={self.routes_TLK.dtype}, plain_routes={self.plain_routes_TLK is not None})"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Files (safetensors, never pickle): pr2_megatron.routes.files
+    # ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table to a safetensors file with a SHA-256 (see :mod:`.files`)."""
+        from pr2_megatron.routes.files import save_route_table
+
+        save_route_table(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, unchecked: bool = False) -> RouteTable:
+        """Read and validate a table written by :meth:`save` (see :mod:`.files`)."""
+        from pr2_megatron.routes.files import load_route_table
+
+        return load_route_table(path, unchecked=unchecked)
+
+
+def _describe(x: object) -> str:
+    """Short description of a value for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_layers_and_topk(layer_numbers: Sequence[int], num_experts: int, topk: int) -> None:
+    """Validate layer numbers (1-based, strictly increasing) and 1 <= topk <= num_experts."""
+    if not isinstance(layer_numbers, tuple):
+        raise RouteError(f"layer_numbers must be a tuple of ints, got {layer_numbers!r}")
+    for n in layer_numbers:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RouteError(
+                f"layer_numbers must be 1-based global layer numbers (ints >= 1), got "
+                f"{n!r} in {list(layer_numbers)}"
+            )
+    for a, b in zip(layer_numbers, layer_numbers[1:]):
+        if b <= a:
+            raise RouteError(
+                f"layer_numbers must be strictly increasing: MoE layer {b} follows layer {a} "
+                f"in {list(layer_numbers)}"
+            )
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise RouteError(f"topk must be an int >= 1, got {topk!r}")
+    if topk > num_experts:
+        raise RouteError(f"topk={topk} exceeds num_experts={num_experts}")
+
+
+def _pack(
+    per_sample: Sequence[IntArray],
+    sample_ids: list[int],
+    layer_numbers: tuple[int, ...],
+    num_experts: int,
+    topk: int,
+    dtype: torch.dtype,
+    what: str,
+) -> torch.Tensor:
+    """Check each sample's shape and id range in its own dtype, then narrow and concatenate."""
+    _check_layers_and_topk(layer_numbers, num_experts, topk)
+    num_layers = len(layer_numbers)
+    parts = []
+    for sid, values in zip(sample_ids, per_sample):
+        values_TLK = _as_int_tensor(values, f"{what} of sample id {sid}")
+        if values_TLK.ndim != 3 or tuple(values_TLK.shape[1:]) != (num_layers, topk):
+            raise RouteError(
+                f"{what} of sample id {sid}: shape {tuple(values_TLK.shape)}, expected "
+                f"(T_i, {num_layers}, {topk}) for MoE layers {list(layer_numbers)} and "
+                f"topk={topk}"
+            )
+        # Range check before narrowing: casting 300 to uint8 would silently give 44.
+        bad = _first_out_of_range(values_TLK, num_experts)
+        if bad is not None:
+            t, layer, value = bad
+            raise RouteError(
+                f"{what} of sample id {sid}, token {t}, MoE layer {layer_numbers[layer]}: "
+                f"expert id {value} out of range [0, {num_experts})"
+            )
+        parts.append(values_TLK.to(dtype))
+    if not parts:
+        return torch.empty((0, num_layers, topk), dtype=dtype)
+    return torch.cat(parts)

@@ -1,0 +1,339 @@
+"""The routers' switchboard for a Megatron training stack: :class:`RoutingController`.
+
+Legend: T tokens of one forward (Megatron's ``[S, B]`` order flattened, the rank's SP chunk), L
+MoE layers of this rank, K top-k.
+
+The controller switches the phase of every PR2 router of the given model chunks, queues replay
+targets and token names, collects recorded routes and reads the pass's metrics. Route tables
+and targets for any layout come from :class:`pr2_megatron.routes.RoutePath`, built on it::
+
+    controller = RoutingController(model_chunks)
+    path = RoutePath(controller)
+    controller.predict()                        # PR2 rollout (or .record() for r2/r3)
+    ... rollout forwards (path.name_tokens(batch) before each) ...
+    table = path.gather(rollout_batches)
+    controller.replay(train_predictor=mini_step >= 2, collect_metrics=True)
+    for batch in training_batches:
+        path.set_targets(table, batch)          # before each training forward
+        ... forward / backward (recompute replays the same route) ...
+    controller.finish()                         # every target consumed, or RouteError
+    metrics = controller.metrics(group=data_parallel_group)
+
+The routers are found by walking the given modules (no process-global registry), so a model
+built twice in one process cannot leave stale routers behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+
+from pr2_megatron.errors import RouteError
+from pr2_megatron.metrics.agreement import routing_agreement
+from pr2_megatron.routing.router import PR2Router, RoutingPhase
+
+
+class RoutingController:
+    """Switch phases, hand over and collect routes, and read metrics for every PR2 router.
+
+    Raises ``ValueError`` for a model whose MoE layers have other routers than PR2's (Megatron's
+    stock ``TopKRouter`` would ignore every target silently) and, unless ``allow_empty`` (a
+    pipeline stage without MoE layers), for a model with no PR2 router at all.
+    """
+
+    def __init__(
+        self,
+        model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        *,
+        allow_empty: bool = False,
+    ) -> None:
+        from megatron.core.transformer.moe.router import Router
+
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        modules = [m for chunk in chunks for m in chunk.modules()]
+        foreign = [m for m in modules if isinstance(m, Router) and not isinstance(m, PR2Router)]
+        if foreign:
+            raise ValueError(
+                f"the model's MoE layers {sorted(getattr(m, 'layer_number', -1) for m in foreign)} "
+                f"have a {type(foreign[0]).__name__}, not a PR2Router: build the model with "
+                "pr2_megatron.routing.pr2_decoder_block_spec (a stock router ignores replay)"
+            )
+        routers = [m for m in modules if isinstance(m, PR2Router)]
+        if not routers and not allow_empty:
+            raise ValueError(
+                "the model has no PR2 router (no MoE layer, or a spec without the PR2 router); "
+                "pass allow_empty=True for a pipeline stage without MoE layers"
+            )
+        numbers = [r.layer_number for r in routers]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"two PR2 routers share a layer number: {numbers}")
+        self.routers: list[PR2Router] = sorted(routers, key=lambda r: r.layer_number)
+        self.phase = RoutingPhase.OFF
+        self.trains_predictor = False
+        self.collects_metrics = False
+
+    @property
+    def layer_numbers(self) -> list[int]:
+        """Global (1-based) layer numbers of this rank's MoE layers, ascending."""
+        return [r.layer_number for r in self.routers]
+
+    @property
+    def topk(self) -> int:
+        """Experts per token (the same in every layer; 0 without routers)."""
+        return self.routers[0].topk if self.routers else 0
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per layer (0 without routers)."""
+        return self.routers[0].num_experts if self.routers else 0
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the routers see sequence-parallel chunks (``S/TP`` tokens per TP rank)."""
+        return bool(self.routers and self.routers[0].config.sequence_parallel)
+
+    @property
+    def route_id_bound(self) -> int:
+        """Route ids lie in ``[0, route_id_bound)``: E, or E + K with variable-size routes.
+
+        ProbMoE dynamic-k fills empty slot j of a row with ``E + j``. Pass it as ``num_experts``
+        of route tables, so that they hold padded rows unchanged.
+        """
+        if not self.routers:
+            return 0
+        return getattr(self.routers[0], "route_id_bound", self.routers[0].num_experts)
+
+    # ----------------------------------------------------------------------------- phases
+    def set_phase(
+        self, phase: RoutingPhase, *, train_predictor: bool = False, collect_metrics: bool = False
+    ) -> None:
+        """Start a pass in ``phase`` on every router (drops the previous pass's records)."""
+        self.phase = RoutingPhase(phase)
+        self.trains_predictor = train_predictor
+        self.collects_metrics = collect_metrics
+        for router in self.routers:
+            router.set_phase(
+                self.phase, train_predictor=train_predictor, collect_metrics=collect_metrics
+            )
+
+    def off(self) -> None:
+        """Live top-k, nothing recorded."""
+        self.set_phase(RoutingPhase.OFF)
+
+    def record(self) -> None:
+        """Live top-k, recorded (r2: the old-log-prob pass at θ_old; r3: the rollout)."""
+        self.set_phase(RoutingPhase.RECORD)
+
+    def predict(self, collect_metrics: bool = False) -> None:
+        """PR2 rollout: predicted routes, recorded with the plain-replay ones; features cached."""
+        self.set_phase(RoutingPhase.PREDICT, collect_metrics=collect_metrics)
+
+    def replay(self, *, train_predictor: bool = False, collect_metrics: bool = False) -> None:
+        """Replay targets given with :meth:`set_targets`; optionally train the predictors."""
+        self.set_phase(
+            RoutingPhase.REPLAY, train_predictor=train_predictor, collect_metrics=collect_metrics
+        )
+
+    # ----------------------------------------------------------------------------- routes
+    def set_targets(
+        self, routes_TLK: torch.Tensor, plain_routes_TLK: Optional[torch.Tensor] = None
+    ) -> None:
+        """Queue the route of the next forward (one micro-batch) for every MoE layer.
+
+        ``routes_TLK[:, l]`` goes to the l-th MoE layer of :attr:`layer_numbers`; rows are the
+        forward's tokens in Megatron's flattened ``[S, B]`` order (the rank's SP chunk).
+        ``plain_routes_TLK`` (the plain-replay route: the live top-k at rollout) is used for
+        metrics only.
+        """
+        if self.phase != RoutingPhase.REPLAY:
+            raise RouteError(f"set_targets needs the replay phase; the phase is {self.phase.value}")
+        self.validate_routes(routes_TLK, what="replay target")
+        if plain_routes_TLK is not None and plain_routes_TLK.shape != routes_TLK.shape:
+            raise RouteError(
+                f"plain-replay routes have shape {tuple(plain_routes_TLK.shape)}, targets "
+                f"{tuple(routes_TLK.shape)}"
+            )
+        for index, router in enumerate(self.routers):
+            plain = None if plain_routes_TLK is None else plain_routes_TLK[:, index]
+            router.push_target(routes_TLK[:, index], plain)
+
+    def set_token_keys(self, keys_T: torch.Tensor, groups_T: torch.Tensor) -> None:
+        """Name the next forward's tokens for the predictor's feature cache (every MoE layer).
+
+        Needed when rollout and training forwards differ in layout (generation steps at rollout,
+        other micro-batches in training): the same key must name the same token in both
+        (:func:`pr2_megatron.routes.token_keys` makes such keys). ``keys_T``/``groups_T`` are
+        ``[T]`` in Megatron's flattened ``[S, B]`` order (the rank's SP chunk); key -1 skips a
+        token. See :meth:`PR2Router.push_token_keys`.
+        """
+        for router in self.routers:
+            router.push_token_keys(keys_T, groups_T)
+
+    def forward_routes(self) -> list[dict[str, torch.Tensor]]:
+        """Per forward of this pass: ``replayed`` (dispatched) and ``live`` (top-k) ``[T, L, K]``.
+
+        ``record``: both are the live top-k. ``replay`` with ``collect_metrics``: the replayed
+        route, the live router's own top-k at that moment, and ``plain`` (the plain-replay
+        route) where it was given with the targets.
+        """
+        if self.phase == RoutingPhase.RECORD:
+            return [{"replayed": r, "live": r} for r in self.collect_routes()]
+        if self.phase != RoutingPhase.REPLAY:
+            raise RouteError(
+                f"forward_routes needs the record or replay phase, not {self.phase.value}"
+            )
+        self._require_metrics("forward_routes")
+        out = []
+        for i in range(self._num_forwards()):
+            records = [r.metric_records[i] for r in self.routers]
+            forward = {
+                key: torch.stack([rec[key] for rec in records], dim=1)
+                for key in ("replayed", "live")
+            }
+            plains = [rec["plain"] for rec in records]
+            forward["plain"] = None if plains[0] is None else torch.stack(plains, dim=1)
+            out.append(forward)
+        return out
+
+    def validate_routes(self, routes_TLK: torch.Tensor, what: str = "routes") -> None:
+        """Shape, id range and k distinct experts per row; errors name the layer and the row.
+
+        Ids range over ``[0, route_id_bound)``: variable-size routes (ProbMoE dynamic-k) fill
+        empty slots with distinct ids ``>= E``; the router checks each row's size at replay.
+        """
+        expected = (len(self.routers), self.topk)
+        if not self.routers and routes_TLK.dim() == 3:
+            expected = (0, routes_TLK.shape[2])  # a pipeline stage without MoE layers: any k
+        if routes_TLK.dim() != 3 or tuple(routes_TLK.shape[1:]) != expected:
+            raise RouteError(
+                f"{what} must have shape [tokens, {expected[0]} MoE layers "
+                f"{self.layer_numbers}, k={expected[1]}], got {tuple(routes_TLK.shape)}"
+            )
+        if routes_TLK.dtype.is_floating_point or routes_TLK.dtype == torch.bool:
+            raise RouteError(f"{what} must hold integer expert ids, got {routes_TLK.dtype}")
+        ids = routes_TLK.long()
+        bound = self.route_id_bound
+        bad = (ids < 0) | (ids >= bound)
+        if bad.any():
+            row, layer, slot = (int(i) for i in torch.nonzero(bad)[0])
+            raise RouteError(
+                f"{what}: MoE layer {self.layer_numbers[layer]}, token row {row}: expert id "
+                f"{int(ids[row, layer, slot])} is outside [0, {bound})"
+            )
+        sorted_ids = ids.sort(dim=-1).values
+        dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1)
+        if dup.any():
+            row, layer = (int(i) for i in torch.nonzero(dup)[0])
+            raise RouteError(
+                f"{what}: MoE layer {self.layer_numbers[layer]}, token row {row}: duplicate "
+                f"expert ids {ids[row, layer].tolist()} (k distinct experts are required; "
+                "duplicates break the dispatcher's split sizes)"
+            )
+
+    def collect_routes(self) -> list[torch.Tensor]:
+        """Routes recorded in this pass: one ``[T, L, K]`` tensor per forward, in order."""
+        return self._stack_per_forward([r.recorded for r in self.routers])
+
+    def collect_plain_routes(self) -> list[torch.Tensor]:
+        """Predict phase: each forward's plain-replay route (the live top-k at θ_old)."""
+        if self.phase != RoutingPhase.PREDICT:
+            raise RouteError(
+                f"plain-replay routes are recorded in the predict phase, not {self.phase.value}"
+            )
+        return self._stack_per_forward([r.recorded_plain for r in self.routers])
+
+    def _stack_per_forward(self, per_router: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        counts = {len(records) for records in per_router}
+        if len(counts) > 1:
+            raise RouteError(
+                "MoE layers recorded different numbers of forwards: "
+                + ", ".join(f"layer {n}: {len(r)}" for n, r in zip(self.layer_numbers, per_router))
+            )
+        num_forwards = counts.pop() if counts else 0
+        return [
+            torch.stack([records[i] for records in per_router], dim=1) for i in range(num_forwards)
+        ]
+
+    def finish(self) -> None:
+        """End a replay pass: every queued target must have been consumed by a forward."""
+        leftovers = {r.layer_number: r.pending_targets() for r in self.routers}
+        leftovers = {n: c for n, c in leftovers.items() if c}
+        if leftovers:
+            raise RouteError(
+                "replay targets set but never consumed (a forward was skipped or the model "
+                "has other routers than the controller knows): "
+                + ", ".join(f"MoE layer {n}: {c} target(s)" for n, c in leftovers.items())
+            )
+
+    # ---------------------------------------------------------------------------- metrics
+    def _require_metrics(self, what: str) -> None:
+        if not self.collects_metrics:
+            raise RuntimeError(
+                f"{what}: this {self.phase.value} pass collects no metrics; start it with "
+                "collect_metrics=True"
+            )
+
+    def _num_forwards(self) -> int:
+        counts = {len(r.metric_records) for r in self.routers}
+        if len(counts) > 1:
+            raise RouteError(f"MoE layers recorded metrics of different forwards: {counts}")
+        return counts.pop() if counts else 0
+
+    def metrics(self, group: Optional[torch.distributed.ProcessGroup] = None) -> dict[str, float]:
+        """Routing agreement and predictor numbers of this pass, all-reduced over ``group``.
+
+        Replay with ``collect_metrics``: agreement of the replayed (and plain-replay) route with
+        the live top-k (:func:`pr2_megatron.metrics.routing_agreement`); replay that trains the
+        predictors: their loss (this rank's mean). Predict with ``collect_metrics``: the
+        predictor's logit shift relative to the logits. Raises RuntimeError for a pass that
+        collected nothing (no ``collect_metrics``, no predictor training, or no forward yet),
+        where all-zero figures would look like data.
+        """
+        out: dict[str, float] = {}
+        if self.phase == RoutingPhase.REPLAY and (self.collects_metrics or self.trains_predictor):
+            if self.collects_metrics:
+                self._require_forwards()
+                groups = [group] if group is not None else []
+                agreement = routing_agreement(
+                    self.forward_routes(), self.layer_numbers, groups=groups
+                )
+                out.update(agreement.summary())
+            if self.trains_predictor:
+                out.update(self._predictor_losses())
+        elif self.phase == RoutingPhase.PREDICT and self.collects_metrics:
+            self._require_forwards()
+            delta = [rec["delta_abs"] for r in self.routers for rec in r.metric_records]
+            logit = [rec["logit_abs"] for r in self.routers for rec in r.metric_records]
+            if delta:
+                mean_logit = float(torch.stack(logit).mean())
+                ratio = float(torch.stack(delta).mean()) / mean_logit if mean_logit else 0.0
+                out["predictor/delta_to_logit_ratio"] = ratio
+        else:
+            raise RuntimeError(
+                f"metrics(): this {self.phase.value} pass collects no metrics (start a replay "
+                "or predict pass with collect_metrics=True, or train the predictors)"
+            )
+        return out
+
+    def _require_forwards(self) -> None:
+        if self.routers and self._num_forwards() == 0:
+            raise RuntimeError(f"metrics(): no forward ran in this {self.phase.value} pass")
+
+    def _predictor_losses(self) -> dict[str, float]:
+        losses = [loss for r in self.routers for loss in r.predictor_losses]
+        if self.routers and not losses:
+            raise RuntimeError("metrics(): the predictors trained in no forward of this pass")
+        out = {}
+        if losses:
+            out["predictor/loss"] = sum(losses) / len(losses)
+        for router in self.routers:
+            values = router.predictor_losses
+            out[f"predictor/loss/layer_{router.layer_number}"] = sum(values) / len(values)
+        return out
+
+    # -------------------------------------------------------------------------- optimizer
+    def predictor_parameters(self) -> list[torch.nn.Parameter]:
+        """The evolution predictors' weights (one per MoE layer of this rank)."""
+        return [r.predictor.weight for r in self.routers]

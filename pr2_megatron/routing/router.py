@@ -1,0 +1,406 @@
+"""The PR2 router: Megatron's ``TopKRouter`` with an evolution predictor and route replay.
+
+Legend of shape suffixes: S sequence, B batch, T = S·B tokens of one forward (flattened in
+Megatron's ``[S, B]`` order, s-major), E experts, K top-k, H hidden.
+
+One router per MoE layer, plugged in through ``MoESubmodules(router=...)`` (see
+``pr2_megatron.routing.specs``). Megatron still does all the routing math -- score function, expert
+bias, group-limited routing, scaling, aux losses -- through ``topk_routing_with_score_function``;
+this router only decides *which* experts it selects, through that function's ``router_replay``
+hook (:class:`_ExpertSelector`). :class:`pr2_megatron.routing.controller.RoutingController`
+sets the phase:
+
+* ``off``: live top-k;
+* ``record``: live top-k, recorded (the r2/r3 capture);
+* ``predict``: PR2 rollout: experts ``TopK(score_fn(z + Δ))``, gates from the live scores at
+  those experts, recorded together with the live top-k; router features cached;
+* ``replay``: experts from a target set beforehand, gates from the live scores at them.
+
+Whatever the phase, the forward recomputed in backward (Megatron's ``moe`` selective recompute
+or full recompute) reuses the experts of the forward it recomputes.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from pr2_megatron.errors import RouteError
+from pr2_megatron.routing.compat import require_router_seam
+from pr2_megatron.routing.feature_cache import FeatureCache
+from pr2_megatron.routing.predictor import (
+    PREDICTOR_LOSSES,
+    EvolutionPredictor,
+    PredictorLoss,
+    predictor_loss,
+)
+
+
+class RoutingPhase(str, Enum):
+    """What the routers do in the next forwards."""
+
+    OFF = "off"
+    RECORD = "record"
+    PREDICT = "predict"
+    REPLAY = "replay"
+
+
+@dataclass
+class PR2RouterConfig:
+    """Settings of the PR2 router (docs/design.md, "The algorithm")."""
+
+    #: Predictor learning rate = model lr × this (the paper sweeps 5e1…1e4).
+    lr_multiplier: float = 1e3
+    #: Predictor loss: ``kl-post`` (paper default), ``l2`` or ``kl``.
+    loss: PredictorLoss = "kl-post"
+    #: T_c: at most this many tokens per response are cached per layer for the predictor.
+    feature_cache_tokens: int = 2048
+    #: Seed of the cache's uniform token sampling (offset by the layer number).
+    cache_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.loss not in PREDICTOR_LOSSES:
+            raise ValueError(f"pr2.loss must be one of {PREDICTOR_LOSSES}, got {self.loss!r}")
+        if not self.lr_multiplier > 0:
+            raise ValueError(f"pr2.lr_multiplier must be > 0, got {self.lr_multiplier}")
+        if self.feature_cache_tokens < 1:
+            raise ValueError(
+                f"pr2.feature_cache_tokens must be >= 1, got {self.feature_cache_tokens}"
+            )
+
+
+class _ExpertSelector:
+    """Duck-types Megatron's ``RouterReplay.get_replay_topk``: the hook that picks experts.
+
+    With a ``target`` it returns those experts and the scores gathered at them from the dense
+    score tensor (so gradients reach every replayed expert, also those the live top-k would not
+    pick); without, it runs Megatron's own top-k and remembers the indices it chose.
+    """
+
+    def __init__(self) -> None:
+        self.target_TK: torch.Tensor | None = None
+        self.chosen_TK: torch.Tensor | None = None
+
+    def get_replay_topk(self, scores_TE, topk, num_groups=None, group_topk=None, default=None):
+        if self.target_TK is not None:
+            self.chosen_TK = self.target_TK.to(scores_TE.device, torch.long)
+            return scores_TE.gather(1, self.chosen_TK), self.chosen_TK
+        probs_TK, self.chosen_TK = default(scores_TE, topk, num_groups, group_topk)
+        return probs_TK, self.chosen_TK
+
+
+class PR2Router(TopKRouter):
+    """``TopKRouter`` with PR2's evolution predictor and recompute-safe route record/replay."""
+
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        pr2_config: Optional[PR2RouterConfig] = None,
+        is_mtp_layer: bool = False,
+    ) -> None:
+        features = require_router_seam()
+        _check_config_supports_replay(config)
+        # Newer cores (0.19.2) build routers with is_mtp_layer=...; 0.16.1 has no such argument.
+        extra = {"is_mtp_layer": is_mtp_layer} if features.router_init_has_is_mtp_layer else {}
+        super().__init__(config=config, pg_collection=pg_collection, **extra)
+        self.pr2_config = pr2_config or PR2RouterConfig()
+        self.predictor = EvolutionPredictor(
+            config.hidden_size, config.num_moe_experts, config.sequence_parallel
+        )
+        self._selector = _ExpertSelector()
+        # Megatron's routing calls router_replay.get_replay_topk: ours, not a RouterReplay, so
+        # nothing is registered in Megatron's process-global replay registry.
+        self.router_replay = self._selector
+        self.phase = RoutingPhase.OFF
+        self.train_predictor = False
+        self.collect_metrics = False
+        self._targets: collections.deque[torch.Tensor] = collections.deque()
+        self._plain_targets: collections.deque[Optional[torch.Tensor]] = collections.deque()
+        self._recompute_routes: collections.deque[torch.Tensor] = collections.deque()
+        self._token_keys: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
+        self.recorded: list[torch.Tensor] = []
+        self.recorded_plain: list[torch.Tensor] = []
+        self.metric_records: list[dict[str, torch.Tensor]] = []
+        self.predictor_losses: list[float] = []
+        self._token_counter = 0
+        self._group_counter = 0
+        self.feature_cache: FeatureCache | None = None
+
+    # ----------------------------------------------------------------- control (used by the API)
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron tells each router its global (1-based) layer number."""
+        super().set_layer_number(layer_number)
+        self.feature_cache = FeatureCache(
+            self.pr2_config.feature_cache_tokens, self.pr2_config.cache_seed + layer_number
+        )
+
+    def set_phase(
+        self, phase: RoutingPhase, *, train_predictor: bool = False, collect_metrics: bool = False
+    ) -> None:
+        """Start a pass in ``phase``; drops records and recompute routes of the previous pass."""
+        self.phase = RoutingPhase(phase)
+        if train_predictor and self.phase != RoutingPhase.REPLAY:
+            raise ValueError(f"train_predictor needs the replay phase, not {self.phase.value!r}")
+        self.train_predictor = train_predictor
+        self.collect_metrics = collect_metrics
+        self._targets.clear()
+        self._plain_targets.clear()
+        self._recompute_routes.clear()
+        self._token_keys.clear()
+        self.recorded = []
+        self.recorded_plain = []
+        self.metric_records = []
+        self.predictor_losses = []
+        self._token_counter = 0
+        self._group_counter = 0
+        if self.phase == RoutingPhase.PREDICT and self.feature_cache is not None:
+            self.feature_cache.clear()
+
+    def push_target(self, target_TK: torch.Tensor, plain_TK: Optional[torch.Tensor] = None) -> None:
+        """Queue the experts for the next replay forward (targets are consumed in order)."""
+        self._targets.append(target_TK)
+        self._plain_targets.append(plain_TK)
+
+    def push_token_keys(self, keys_T: torch.Tensor, groups_T: torch.Tensor) -> None:
+        """Name the tokens of the next forward for the feature cache (predict, predictor training).
+
+        ``keys_T`` identify tokens across passes (e.g. ``sample_id * max_len + position``); a key
+        of -1 marks a token the cache must skip (a padding position, a position already offered
+        by an earlier generation step). ``groups_T`` is each token's response id (the cache
+        samples at most T_c tokens per response). Without keys, running positions within the
+        pass are used, which pair rollout and training tokens only when both passes run the
+        same forwards in the same order.
+        """
+        if keys_T.shape != groups_T.shape or keys_T.dim() != 1:
+            raise RouteError(
+                f"token keys {tuple(keys_T.shape)} and groups {tuple(groups_T.shape)} must be "
+                "equal-length vectors"
+            )
+        self._token_keys.append((keys_T.long().cpu(), groups_T.long().cpu()))
+
+    def pending_targets(self) -> int:
+        """Targets (and token keys) queued and not yet consumed by a forward."""
+        return len(self._targets) + len(self._token_keys)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route ``input`` ``[S, B, H]``; returns Megatron's ``(probs, routing_map)`` ``[T, E]``."""
+        self._maintain_float32_expert_bias()
+        input = self.apply_input_jitter(input)
+        logits_SBE = self.gating(input)
+        hidden_TH = input.reshape(-1, input.shape[-1])
+        logits_TE = logits_SBE.reshape(-1, self.num_experts)
+
+        # Which experts: replayed (target), predicted (z + Δ), or live top-k (None).
+        recomputing = self._is_recompute_in_backward()
+        plain_TK = None
+        if recomputing:
+            target_TK = self._pop_recompute_route()
+        elif self.phase == RoutingPhase.REPLAY:
+            target_TK, plain_TK = self._pop_target(num_tokens=logits_TE.shape[0])
+        elif self.phase == RoutingPhase.PREDICT:
+            with torch.no_grad():
+                delta_TE = self.predictor(hidden_TH)
+                target_TK = self._topk_indices(logits_TE + delta_TE)
+        else:
+            target_TK = None
+
+        # Gates always come from the live scores at the chosen experts.
+        probs_TE, routing_map_TE, chosen_TK = self._route(logits_SBE, target_TK, padding_mask)
+
+        if recomputing:
+            return probs_TE, routing_map_TE
+        if self._will_be_recomputed():
+            self._recompute_routes.append(chosen_TK)
+
+        # Token keys pair cached rollout tokens with training tokens.
+        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
+        keys_T = groups_T = None
+        if needs_keys:
+            keys_T, groups_T = self._token_keys_of_forward(logits_TE.shape[0])
+        if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
+            self.recorded.append(chosen_TK.detach())
+        if self.phase == RoutingPhase.PREDICT:
+            live_TK = self._topk_indices(logits_TE.detach())
+            self.recorded_plain.append(live_TK)
+            if groups_T is None:
+                groups_T = self._next_groups(logits_SBE.shape[:2])
+            self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
+            if self.collect_metrics:
+                self.metric_records.append(
+                    {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
+                )
+        if self.phase == RoutingPhase.REPLAY:
+            if self.collect_metrics:
+                live_TK = self._topk_indices(logits_TE.detach())
+                self.metric_records.append(
+                    {"replayed": chosen_TK, "live": live_TK, "plain": plain_TK}
+                )
+            if self.train_predictor:
+                probs_TE = self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
+        return probs_TE, routing_map_TE
+
+    # ------------------------------------------------------------------------------ helpers
+    def _route(self, logits_SBE, target_TK, padding_mask=None):
+        """Experts and gates of one forward: ``(probs_TE, routing_map_TE, chosen_TK)``.
+
+        ``target_TK`` is the route to dispatch (replayed, predicted or recomputed), None for the
+        live choice. Here Megatron's own routing does the math (score function, scaling, aux
+        losses), picking ``target_TK`` through the ``router_replay`` hook; subclasses override
+        this to choose experts another way (e.g. ProbMoE's subset sampling).
+        """
+        self._selector.target_TK = target_TK
+        probs_TE, routing_map_TE = self.routing(logits_SBE, padding_mask=padding_mask)
+        chosen_TK = self._selector.chosen_TK
+        self._selector.target_TK = self._selector.chosen_TK = None
+        return probs_TE, routing_map_TE, chosen_TK
+
+    def _topk_indices(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """Experts Megatron's routing would pick for these logits (score fn, bias, groups)."""
+        selector = _ExpertSelector()
+        with torch.no_grad():
+            topk_routing_with_score_function(
+                logits_TE,
+                self.topk,
+                use_pre_softmax=self.config.moe_router_pre_softmax,
+                num_groups=self.config.moe_router_num_groups,
+                group_topk=self.config.moe_router_group_topk,
+                scaling_factor=self.config.moe_router_topk_scaling_factor,
+                score_function=self.score_function,
+                expert_bias=self.expert_bias,
+                router_replay=selector,
+            )
+        return selector.chosen_TK
+
+    def _pop_target(self, num_tokens: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self._targets:
+            raise RouteError(
+                f"MoE layer {self.layer_number}: replay forward without a target "
+                "(RoutingController.set_targets was not called for this forward)"
+            )
+        target_TK = self._targets.popleft()
+        plain_TK = self._plain_targets.popleft()
+        if tuple(target_TK.shape) != (num_tokens, self.topk):
+            raise RouteError(
+                f"MoE layer {self.layer_number}: replay target has shape "
+                f"{tuple(target_TK.shape)}, this forward routes ({num_tokens}, {self.topk}) "
+                "tokens x top-k"
+            )
+        return target_TK, plain_TK
+
+    def _pop_recompute_route(self) -> torch.Tensor:
+        if not self._recompute_routes:
+            raise RouteError(
+                f"MoE layer {self.layer_number}: activation recompute found no route of the "
+                "forward it recomputes"
+            )
+        return self._recompute_routes.popleft()
+
+    def _is_recompute_in_backward(self) -> bool:
+        return mcore_random.is_checkpointing() and torch._C._current_graph_task_id() != -1
+
+    def _will_be_recomputed(self) -> bool:
+        return (
+            mcore_random.is_checkpointing()
+            and torch._C._current_graph_task_id() == -1
+            and self.training
+        )
+
+    def _token_keys_of_forward(self, num_tokens: int):
+        """``(keys_T, groups_T)``: the keys queued by ``push_token_keys``, else running positions.
+
+        ``groups_T`` is None for running positions (the caller derives responses from [S, B]).
+        """
+        if not self._token_keys:
+            return self._next_token_keys(num_tokens), None
+        keys_T, groups_T = self._token_keys.popleft()
+        if keys_T.numel() != num_tokens:
+            raise RouteError(
+                f"MoE layer {self.layer_number}: {keys_T.numel()} token keys for a forward "
+                f"of {num_tokens} tokens"
+            )
+        return keys_T, groups_T
+
+    def _next_token_keys(self, num_tokens: int) -> torch.Tensor:
+        """Token keys of this forward: running positions within the pass."""
+        keys_T = torch.arange(self._token_counter, self._token_counter + num_tokens)
+        self._token_counter += num_tokens
+        return keys_T
+
+    def _next_groups(self, seq_batch: torch.Size) -> torch.Tensor:
+        """Response id of each token: column ``b`` of ``[S, B]`` is one response."""
+        seq_len, batch = int(seq_batch[0]), int(seq_batch[1])
+        groups_SB = (torch.arange(batch) + self._group_counter).expand(seq_len, batch)
+        self._group_counter += batch
+        return groups_SB.reshape(-1)
+
+    def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE) -> torch.Tensor:
+        """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
+        token_idx, cache_idx = self.feature_cache.lookup(keys_T)
+        if token_idx.numel() == 0:
+            # No cached token here: a zero loss keeps W_p in the graph so that data-parallel
+            # gradient reductions see the same parameters on every rank.
+            loss = self.predictor.weight.sum() * 0.0
+        else:
+            cached = self.feature_cache.features()
+            device = logits_TE.device
+            hidden_CH = cached.hidden_CH[cache_idx].to(device)
+            delta_CE = self.predictor(hidden_CH)
+            loss = predictor_loss(
+                self.pr2_config.loss,
+                logits_TE[token_idx.to(device)],
+                cached.logits_CE[cache_idx].to(device),
+                delta_CE,
+            )
+        self.predictor_losses.append(float(loss.detach()))
+        if self.config.sequence_parallel:
+            # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
+            # gradients over TP: scale so the sum is the mean over the whole sequence.
+            loss = loss / self.tp_group.size()
+        return MoEAuxLossAutoScaler.apply(probs_TE, loss)
+
+
+def _check_config_supports_replay(config) -> None:
+    """Reject Megatron settings under which replayed routes would be silently changed."""
+    if config.moe_enable_routing_replay:
+        raise ValueError(
+            "PR2Router records and replays routes itself; set moe_enable_routing_replay=False "
+            "(Megatron's RouterReplay keeps only the last micro-batch and a process-global "
+            "registry)"
+        )
+    if config.moe_router_load_balancing_type == "sinkhorn":
+        raise ValueError("moe_router_load_balancing_type='sinkhorn' bypasses route replay")
+    if config.moe_router_load_balancing_type == "quantile_balancing":
+        # Newer cores (0.19.2): picks experts itself (precomputed_indices), ignoring replay.
+        raise ValueError(
+            "moe_router_load_balancing_type='quantile_balancing' bypasses route replay"
+        )
+    if config.moe_router_fusion:
+        raise ValueError("moe_router_fusion=True (TE fused router) bypasses route replay")
+    if config.moe_expert_capacity_factor is not None:
+        raise ValueError(
+            f"moe_expert_capacity_factor={config.moe_expert_capacity_factor}: capacity dropping "
+            "runs after replay and would drop replayed experts; use dropless MoE with PR2"
+        )
+    if config.moe_router_force_load_balancing:
+        raise ValueError("moe_router_force_load_balancing replaces logits with random ones")
+    # Config field of newer cores (0.19.2) only; PR2Router.forward does not apply it.
+    if getattr(config, "moe_router_force_biased", None) is not None:
+        raise ValueError("moe_router_force_biased (benchmark logit bias) is not supported by PR2")
+
+
+def pr2_router_builder(pr2_config: Optional[PR2RouterConfig] = None):
+    """A ``MoESubmodules.router`` builder that makes :class:`PR2Router` with ``pr2_config``."""
+    return functools.partial(PR2Router, pr2_config=pr2_config or PR2RouterConfig())
