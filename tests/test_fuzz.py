@@ -228,9 +228,9 @@ def test_corrupted_file_fails_with_value_error_or_loads_the_same_table(table, da
 
 
 @pytest.mark.parametrize("num_experts", [256, 300])
-def test_every_single_byte_flip_of_a_saved_table_is_caught(tmp_path, num_experts):
-    """Exhaustive: each byte of the file XOR 0x01 / 0x80. Every id of a uint8 table with E=256
-    is valid, so only a checksum can tell a flipped route from a real one."""
+def test_every_single_bit_flip_and_truncation_of_a_saved_table_is_caught(tmp_path, num_experts):
+    """Exhaustive: each of the file's bits flipped, and each truncation. Every id of a uint8
+    table with E=256 is valid, so only a checksum can tell a flipped route from a real one."""
     gen = torch.Generator().manual_seed(0)
     per_sample = [_distinct_routes(gen, n, 3, 2, num_experts) for n in (3, 4)]
     table = RouteTable.from_samples(
@@ -240,18 +240,68 @@ def test_every_single_byte_flip_of_a_saved_table_is_caught(tmp_path, num_experts
     table.save(path)
     clean = path.read_bytes()
     silent = []
-    for at in range(len(clean)):
-        for mask in (0x01, 0x80):
-            raw = bytearray(clean)
-            raw[at] ^= mask
-            path.write_bytes(bytes(raw))
-            try:
-                loaded = RouteTable.load(path)
-            except ValueError:
-                continue
-            if not loaded.equal(table):
-                silent.append((at, mask))
-    assert not silent, f"{len(silent)} byte flips loaded as a different table: {silent[:8]}"
+    variants = [
+        (
+            f"byte {at} ^ {1 << bit:#04x}",
+            clean[:at] + bytes([clean[at] ^ (1 << bit)]) + clean[at + 1 :],
+        )
+        for at in range(len(clean))
+        for bit in range(8)
+    ] + [(f"first {n} bytes", clean[:n]) for n in range(len(clean))]
+    for what, raw in variants:
+        path.write_bytes(raw)
+        try:
+            loaded = RouteTable.load(path)
+        except ValueError:
+            continue
+        if not loaded.equal(table):
+            silent.append(what)
+    assert not silent, f"{len(silent)} corruptions loaded as a different table: {silent[:8]}"
+
+
+def test_renaming_the_checksum_key_and_editing_an_id_is_caught(tmp_path):
+    """A two-byte edit: one bit of the metadata key "sha256" and one expert id."""
+    gen = torch.Generator().manual_seed(0)
+    table = RouteTable.from_samples(
+        [_distinct_routes(gen, 4, 2, 2, 8)], sample_ids=[0], layer_numbers=(1, 2), num_experts=8,
+        topk=2,
+    )  # fmt: skip
+    path = tmp_path / "t.safetensors"
+    table.save(path)
+    raw = bytearray(path.read_bytes())
+    key = raw.index(b'"sha256"') + 1
+    raw[key] ^= 0x01  # "sha256" -> "rha256": without the check, the checksum would be "absent"
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    first_id = raw[data_start]  # routes_TLK is stored first (names sorted)
+    raw[data_start] = (
+        (first_id + 1) % 8 if raw[data_start + 1] != (first_id + 1) % 8 else (first_id + 2) % 8
+    )
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="unknown metadata key 'rha256'"):
+        RouteTable.load(path)
+    with pytest.raises(ValueError, match="unknown metadata key"):
+        RouteTable.load(path, unchecked=True)  # unknown keys are rejected even then
+
+
+def test_a_file_without_its_checksum_loads_only_when_asked_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from pr2_megatron.routes.files import FILE_FORMAT, FORMAT_VERSION
+
+    gen = torch.Generator().manual_seed(0)
+    table = RouteTable.from_samples(
+        [_distinct_routes(gen, 4, 2, 2, 8)], sample_ids=[3], layer_numbers=(1, 2), num_experts=8,
+        topk=2,
+    )  # fmt: skip
+    path = tmp_path / "other_tool.safetensors"
+    tensors = {"routes_TLK": table.routes_TLK, "cu_seqlens": table.cu_seqlens,
+               "sample_ids": table.sample_ids}  # fmt: skip
+    metadata = {"format": FILE_FORMAT, "format_version": str(FORMAT_VERSION),
+                "layer_numbers": "[1, 2]", "num_experts": "8", "topk": "2"}  # fmt: skip
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="without its SHA-256.*unchecked=True"):
+        RouteTable.load(path)
+    assert RouteTable.load(path, unchecked=True).equal(table)
 
 
 # ------------------------------------------------------------------------------------- config

@@ -69,3 +69,126 @@ def test_recompute_replays_recorded_route_after_router_moved(granularity, module
     assert grads_plain.keys() == grads_rec.keys()
     for name in grads_plain:
         torch.testing.assert_close(grads_rec[name], grads_plain[name], rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------- pairing in any backward order
+RECOMPUTE = {"moe": ("selective", ["moe"]), "full": ("full", ["moe"])}
+
+
+def _model_pair(kind, router="pr2"):
+    """The same moved-router weights without and with ``kind`` recompute."""
+    base = MoEModelConfig(num_layers=2, num_experts=4, topk=2)
+    plain = build(TinySetup(model=base), router=router)
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if name.endswith("router.weight"):
+                param.add_(torch.randn_like(param))
+    state = global_state_dict(plain)
+    granularity, modules = RECOMPUTE[kind]
+    cfg = MoEModelConfig(
+        num_layers=2,
+        num_experts=4,
+        topk=2,
+        recompute_granularity=granularity,
+        recompute_modules=modules,
+    )
+    recomputed = build(TinySetup(model=cfg), router=router)
+    load_full_state(recomputed, state)
+    return plain, recomputed
+
+
+def _micro_batches():
+    """Two same-shape micro-batches and a route per micro-batch that differs from the live one."""
+    first, second = token_batch(2, 8, 64, seed=5), token_batch(2, 8, 64, seed=6)
+    generator = torch.Generator().manual_seed(9)
+    routes = [torch.rand(16, 2, 4, generator=generator).argsort(-1)[..., :2] for _ in range(2)]
+    return [first, second], routes
+
+
+def _loss(model, ids, labels):
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, positions, None, labels=labels).sum()
+
+
+def _train(model, batches, routes, order, phase="replay", no_grad_between=False):
+    """Forward both micro-batches, then backward in ``order`` ('sum', 'reverse', 'forward')."""
+    ctl = RoutingController(model)
+    if phase == "replay":
+        ctl.replay()
+        for route in routes:
+            ctl.set_targets(route)
+    else:
+        ctl.off()
+    losses = []
+    for index, (ids, labels) in enumerate(batches):
+        losses.append(_loss(model, ids, labels))
+        if no_grad_between and index == 0:
+            if phase == "replay":
+                ctl.set_targets(routes[1])
+            with torch.no_grad():  # e.g. reference log-probs, model in training mode
+                _loss(model, *batches[1])
+    if order == "sum":
+        (losses[0] + losses[1]).backward()
+    else:
+        for loss in losses[::-1] if order == "reverse" else losses:
+            loss.backward()
+    if phase == "replay":
+        ctl.finish()
+    return {n: p.grad.clone() for n, p in global_parameters(model).items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", sorted(RECOMPUTE))
+@pytest.mark.parametrize("order", ["sum", "reverse"])
+def test_recompute_pairs_each_forward_with_its_route_in_any_backward_order(kind, order):
+    plain, recomputed = _model_pair(kind)
+    batches, routes = _micro_batches()
+    reference = _train(plain, batches, routes, "forward")
+    got = _train(recomputed, batches, routes, order)
+    assert reference.keys() == got.keys()
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", sorted(RECOMPUTE))
+def test_a_no_grad_forward_in_between_changes_nothing(kind):
+    plain, recomputed = _model_pair(kind)
+    batches, routes = _micro_batches()
+    reference = _train(plain, batches, routes, "forward")
+    ctl = RoutingController(recomputed)
+    got = _train(recomputed, batches, routes, "sum", no_grad_between=True)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-6, atol=1e-7, msg=name)
+    # finish() released the route kept for the no-grad forward's (never coming) recompute.
+    assert all(len(r._recompute_routes) == 0 for r in ctl.routers)
+
+
+@pytest.mark.parametrize("kind", sorted(RECOMPUTE))
+def test_phase_off_under_recompute_equals_the_stock_router(kind):
+    _, stock = _model_pair(kind, router="topk")
+    _, pr2 = _model_pair(kind)
+    load_full_state(pr2, {**global_state_dict(stock), **_predictors(pr2)})
+    batches, routes = _micro_batches()
+    stock_grads = _train_stock(stock, batches)
+    pr2_grads = _train(pr2, batches, routes, "sum", phase="off")
+    for name in stock_grads:
+        torch.testing.assert_close(pr2_grads[name], stock_grads[name], rtol=0, atol=0, msg=name)
+
+
+def _predictors(model):
+    return {n: p.detach().clone() for n, p in global_parameters(model).items() if "predictor" in n}
+
+
+def _train_stock(model, batches):
+    losses = [_loss(model, ids, labels) for ids, labels in batches]
+    (losses[0] + losses[1]).backward()
+    return {n: p.grad.clone() for n, p in global_parameters(model).items() if p.grad is not None}
+
+
+def test_a_recompute_without_the_route_of_its_forward_is_an_error():
+    from pr2_megatron.errors import RouteError
+    from pr2_megatron.routing.recompute import RecomputeRoutes
+
+    store = RecomputeRoutes(lambda: 3)
+    store.file(torch.zeros(4, 2, dtype=torch.long))  # forward #n
+    with pytest.raises(RouteError, match="MoE layer 3: activation recompute of forward #"):
+        store.take(num_tokens=4)  # the counter moved on: #n+1 was never filed

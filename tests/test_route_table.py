@@ -63,7 +63,8 @@ def make_table(
         (256, torch.uint8),
         (257, torch.int16),
         (32767, torch.int16),
-        (32768, torch.int32),
+        (32768, torch.int16),  # ids 0..32767 fit int16
+        (32769, torch.int32),
         (2**31 - 1, torch.int32),
     ],
 )

@@ -36,7 +36,7 @@ __all__ = ["RouteTable", "route_dtype"]
 
 # Largest expert count per storage dtype: ids 0..E-1 must fit without wrapping.
 _MAX_EXPERTS_UINT8 = 256
-_MAX_EXPERTS_INT16 = 32767
+_MAX_EXPERTS_INT16 = 32768  # ids 0..32767
 _MAX_EXPERTS_INT32 = 2**31 - 1
 
 IntArray = Union[torch.Tensor, np.ndarray]
@@ -46,7 +46,7 @@ SampleIds = Union[Sequence[int], torch.Tensor, np.ndarray]
 def route_dtype(num_experts: int) -> torch.dtype:
     """Return the smallest integer dtype that holds expert ids ``0..num_experts-1``.
 
-    uint8 for E <= 256, int16 for E <= 32767, int32 beyond (up to 2**31 - 1).
+    uint8 for E <= 256, int16 for E <= 32768 (ids up to 32767), int32 beyond (up to 2**31 - 1).
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
         raise RouteError(f"num_experts must be an int, got {num_experts!r}")

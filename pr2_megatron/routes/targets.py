@@ -19,7 +19,12 @@ import torch
 from pr2_megatron.errors import RouteError
 from pr2_megatron.routes.table import RouteTable
 
-__all__ = ["context_parallel_positions", "micro_batch_targets"]
+__all__ = [
+    "context_parallel_positions",
+    "local_positions",
+    "micro_batch_targets",
+    "padding_routes_of",
+]
 
 
 def context_parallel_positions(seq_len: int, cp_rank: int, cp_size: int) -> torch.Tensor:
@@ -42,6 +47,58 @@ def context_parallel_positions(seq_len: int, cp_rank: int, cp_size: int) -> torc
     return torch.cat([first, second])
 
 
+def local_positions(
+    seq_len: int, *, tp_rank: int = 0, tp_size: int = 1, cp_rank: int = 0, cp_size: int = 1
+) -> torch.Tensor:
+    """Sequence positions of the tokens this rank routes, in its ``[S_local]`` order (int64).
+
+    Context parallelism keeps the rank's 2 of ``2·CP`` chunks (:func:`context_parallel_positions`);
+    sequence parallelism (``tp_size > 1``) then the TP rank's chunk of those (``S/CP/TP``).
+    """
+    positions_S = torch.arange(seq_len)
+    if cp_size > 1:
+        positions_S = context_parallel_positions(seq_len, cp_rank, cp_size)
+    if tp_size > 1:
+        local = positions_S.numel()
+        if local % tp_size:
+            raise RouteError(
+                f"sequence length {local} (of {seq_len}, context-parallel size {cp_size}) is not "
+                f"divisible by TP={tp_size}"
+            )
+        chunk = local // tp_size
+        positions_S = positions_S[tp_rank * chunk : (tp_rank + 1) * chunk]
+    return positions_S
+
+
+def padding_routes_of(numbers_R: torch.Tensor, topk: int, num_experts: int) -> torch.Tensor:
+    """``[R, K]`` distinct expert ids for the padding tokens numbered ``numbers_R``.
+
+    Padding token n gets ``(n·K + j) mod E`` for j < K: consecutive padding tokens walk through
+    all E experts, so padding lands on every expert (and every expert-parallel rank) alike
+    instead of piling on the first K experts. Padding never influences a real token, so any
+    distinct ids are exact.
+    """
+    if topk > num_experts:
+        raise RouteError(
+            f"top-{topk} padding routes need at least {topk} experts, got {num_experts}"
+        )
+    offsets_K = torch.arange(topk, device=numbers_R.device)
+    return (numbers_R.unsqueeze(1) * topk + offsets_K) % num_experts
+
+
+def _padding_numbers(positions_S: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """``[S_local, B]``: each padding token's index among the micro-batch's padding tokens.
+
+    Counted in the whole ``[S, B]`` micro-batch's row-major order (position, then sample), so a
+    rank's sequence-parallel or context-parallel slice numbers its padding as the full
+    micro-batch does.
+    """
+    pad_SB = positions_S.unsqueeze(1) >= lengths_B.unsqueeze(0)
+    before_row_S = (positions_S.unsqueeze(1) - lengths_B.unsqueeze(0)).clamp(min=0).sum(1)
+    within_row_SB = pad_SB.long().cumsum(1) - pad_SB.long()
+    return before_row_S.unsqueeze(1) + within_row_SB
+
+
 def micro_batch_targets(
     table: RouteTable,
     sample_ids: Sequence[int],
@@ -55,6 +112,7 @@ def micro_batch_targets(
     cp_size: int = 1,
     layer_numbers: Optional[Sequence[int]] = None,
     plain: bool = False,
+    padding_experts: Optional[int] = None,
 ) -> torch.Tensor:
     """Replay targets ``[T_local, L, K]`` (int64) for a training micro-batch of these samples.
 
@@ -65,12 +123,14 @@ def micro_batch_targets(
     layer of the table) picks the columns, e.g. a pipeline stage's (all VPP chunks')
     ``RoutingController.layer_numbers``; an empty list gives ``[T_local, 0, K]`` for a stage
     without MoE layers. ``plain=True`` returns the plain-replay (live top-k at rollout) routes.
+    The targets live on the table's device.
 
     ``lengths`` (default: ``seq_len`` for every sample) are the samples' real token counts when
     the micro-batch is right-padded to ``seq_len``: the table holds only the real tokens (it is
-    packed), and the padding positions get the fixed route ``0..K-1``. Right padding never
-    influences a real token (causal attention, per-token routing), so this is exact for every
-    unmasked token.
+    packed), and the padding positions get :func:`padding_routes_of` over ``padding_experts``
+    experts (default the table's E; pass the routed experts when the table's ids go beyond
+    them, as ProbMoE dynamic-k's empty slots do). Right padding never influences a real token
+    (causal attention, per-token routing), so this is exact for every unmasked token.
     """
     lengths = [seq_len] * len(sample_ids) if lengths is None else list(lengths)
     if len(lengths) != len(sample_ids):
@@ -83,30 +143,39 @@ def micro_batch_targets(
     source = table.plain_routes_TLK if plain else table.routes_TLK
     if source is None:
         raise RouteError("the route table holds no plain-replay (live top-k at rollout) routes")
-    columns = None
+    device = source.device
     if layer_numbers is not None:
         columns = torch.as_tensor(
-            [table.layer_index(int(n)) for n in layer_numbers], dtype=torch.long
+            [table.layer_index(int(n)) for n in layer_numbers], dtype=torch.long, device=device
         )
-    num_layers = table.num_layers if columns is None else columns.numel()
-    routes_BSLK = torch.empty((len(sample_ids), seq_len, num_layers, table.topk), dtype=torch.long)
-    routes_BSLK[:] = torch.arange(table.topk)  # the padding route
-    rows = table.rows_for(sample_ids).split(lengths)
-    for column, (sample_rows, length) in enumerate(zip(rows, lengths)):
-        sample_TLK = source[sample_rows]
-        if columns is not None:
-            sample_TLK = sample_TLK.index_select(1, columns)
-        routes_BSLK[column, :length] = sample_TLK.long()
-    routes_SBLK = routes_BSLK.transpose(0, 1)
-    if cp_size > 1:
-        routes_SBLK = routes_SBLK[context_parallel_positions(seq_len, cp_rank, cp_size)]
-    if sequence_parallel and tp_size > 1:
-        local_len = routes_SBLK.shape[0]
-        if local_len % tp_size:
-            raise RouteError(
-                f"sequence length {local_len} (of {seq_len}, context-parallel size {cp_size}) "
-                f"is not divisible by TP={tp_size}"
-            )
-        chunk = local_len // tp_size
-        routes_SBLK = routes_SBLK[tp_rank * chunk : (tp_rank + 1) * chunk]
-    return routes_SBLK.reshape(routes_SBLK.shape[0] * routes_SBLK.shape[1], num_layers, table.topk)
+        source = source.index_select(1, columns)
+    positions_S = local_positions(
+        seq_len,
+        tp_rank=tp_rank,
+        tp_size=tp_size if sequence_parallel else 1,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
+    ).to(device)
+    batch = len(sample_ids)
+    lengths_B = torch.tensor(lengths, dtype=torch.long, device=device)
+    # Table row of each (local position, sample) token; -1 for padding.
+    starts_B = _sample_starts(table, sample_ids, device)
+    real_SB = positions_S.unsqueeze(1) < lengths_B.unsqueeze(0)
+    rows_SB = torch.where(real_SB, starts_B.unsqueeze(0) + positions_S.unsqueeze(1), -1)
+    num_layers, topk = source.shape[1], table.topk
+    routes_SBLK = torch.empty(
+        (positions_S.numel(), batch, num_layers, topk), dtype=torch.long, device=device
+    )
+    routes_SBLK[real_SB] = source[rows_SB[real_SB]].long()
+    pad_SB = ~real_SB
+    if bool(pad_SB.any()) and num_layers:
+        number_SB = _padding_numbers(positions_S, lengths_B)
+        pad_TK = padding_routes_of(number_SB[pad_SB], topk, padding_experts or table.num_experts)
+        routes_SBLK[pad_SB] = pad_TK.unsqueeze(1).expand(-1, num_layers, -1)
+    return routes_SBLK.reshape(positions_S.numel() * batch, num_layers, topk)
+
+
+def _sample_starts(table: RouteTable, sample_ids: Sequence[int], device) -> torch.Tensor:
+    """First table row of each sample (int64 ``[B]``)."""
+    index_B = table._indices_of(sample_ids).to(device)
+    return table.cu_seqlens.to(device)[index_B]

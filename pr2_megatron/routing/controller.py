@@ -257,7 +257,13 @@ class RoutingController:
         ]
 
     def finish(self) -> None:
-        """End a replay pass: every queued target must have been consumed by a forward."""
+        """End a replay pass (after its backward): every queued target must have been consumed.
+
+        Also releases the routes kept for activation recomputes that never came (forwards
+        without a graph in training mode).
+        """
+        for router in self.routers:
+            router.end_pass()
         leftovers = {r.layer_number: r.pending_targets() for r in self.routers}
         leftovers = {n: c for n, c in leftovers.items() if c}
         if leftovers:

@@ -17,7 +17,8 @@ sets the phase:
 * ``replay``: experts from a target set beforehand, gates from the live scores at them.
 
 Whatever the phase, the forward recomputed in backward (Megatron's ``moe`` selective recompute
-or full recompute) reuses the experts of the forward it recomputes.
+or full recompute) reuses the experts of the forward it recomputes, paired by forward number in
+any backward order (:mod:`pr2_megatron.routing.recompute`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pr2_megatron.routing.predictor import (
     PredictorLoss,
     predictor_loss,
 )
+from pr2_megatron.routing.recompute import RecomputeRoutes, in_backward
 
 
 class RoutingPhase(str, Enum):
@@ -128,7 +130,7 @@ class PR2Router(TopKRouter):
         self.collect_metrics = False
         self._targets: collections.deque[torch.Tensor] = collections.deque()
         self._plain_targets: collections.deque[Optional[torch.Tensor]] = collections.deque()
-        self._recompute_routes: collections.deque[torch.Tensor] = collections.deque()
+        self._recompute_routes = RecomputeRoutes(lambda: self.layer_number)
         self._token_keys: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
         self.recorded: list[torch.Tensor] = []
         self.recorded_plain: list[torch.Tensor] = []
@@ -207,7 +209,7 @@ class PR2Router(TopKRouter):
         recomputing = self._is_recompute_in_backward()
         plain_TK = None
         if recomputing:
-            target_TK = self._pop_recompute_route()
+            target_TK = self._recompute_routes.take(num_tokens=logits_TE.shape[0])
         elif self.phase == RoutingPhase.REPLAY:
             target_TK, plain_TK = self._pop_target(num_tokens=logits_TE.shape[0])
         elif self.phase == RoutingPhase.PREDICT:
@@ -223,7 +225,7 @@ class PR2Router(TopKRouter):
         if recomputing:
             return probs_TE, routing_map_TE
         if self._will_be_recomputed():
-            self._recompute_routes.append(chosen_TK)
+            self._recompute_routes.file(chosen_TK)
 
         # Token keys pair cached rollout tokens with training tokens.
         needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
@@ -300,23 +302,20 @@ class PR2Router(TopKRouter):
             )
         return target_TK, plain_TK
 
-    def _pop_recompute_route(self) -> torch.Tensor:
-        if not self._recompute_routes:
-            raise RouteError(
-                f"MoE layer {self.layer_number}: activation recompute found no route of the "
-                "forward it recomputes"
-            )
-        return self._recompute_routes.popleft()
-
     def _is_recompute_in_backward(self) -> bool:
-        return mcore_random.is_checkpointing() and torch._C._current_graph_task_id() != -1
+        return in_backward()
 
     def _will_be_recomputed(self) -> bool:
-        return (
-            mcore_random.is_checkpointing()
-            and torch._C._current_graph_task_id() == -1
-            and self.training
-        )
+        return mcore_random.is_checkpointing() and not in_backward() and self.training
+
+    def end_pass(self) -> None:
+        """After a pass's backward: drop routes filed for recomputes that never came.
+
+        Those are the forwards that ran without a graph in training mode (e.g. reference
+        log-probs under ``torch.no_grad()``): their routes are never taken by another
+        forward's recompute, and are released here.
+        """
+        self._recompute_routes.clear()
 
     def _token_keys_of_forward(self, num_tokens: int):
         """``(keys_T, groups_T)``: the keys queued by ``push_token_keys``, else running positions.

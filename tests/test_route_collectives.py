@@ -1,0 +1,185 @@
+"""What the route path sends, and how padding is routed.
+
+* Every collective of the route path uses a dtype NCCL supports (no int16, no bool) while the
+  table stays in the smallest dtype; checked on gloo by recording every collective's dtype for
+  E <= 256, E > 256 and E > 32767.
+* One collective per micro-batch for all layers (routes, sample ids and lengths together), for
+  2 and 4 MoE layers on 1, 2 and 4 ranks.
+* Padding tokens get routes spread over the experts and expert-parallel ranks (distinct per
+  row, never in the table, never counted).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pr2_megatron.routes import RouteTable, gather_route_table, micro_batch_targets, route_dtype
+from pr2_megatron.testing.distributed import run_distributed
+
+NCCL_DTYPES = {
+    torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+    torch.float32, torch.float64,
+}  # fmt: skip
+COLLECTIVES = ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "all_to_all")
+
+
+class _Recorder:
+    """Wraps torch.distributed's collectives; records (name, dtype) of every call."""
+
+    def __init__(self):
+        self.calls = []
+        self._originals = {}
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+            self._originals[name] = original
+
+            def wrapper(*args, _name=name, _original=original, **kwargs):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                self.calls.append((_name, tensors[0].dtype if tensors else None))
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapper)
+
+    def restore(self):
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def _routes(num_tokens, num_layers, topk, num_experts, seed, top_id=False):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand((num_tokens, num_layers, num_experts), generator=generator)
+    routes = scores.argsort(-1)[..., :topk]
+    if top_id:  # the largest id must cross the wire intact
+        routes[0, 0, 0] = num_experts - 1
+        routes[0, 0, 1:] = torch.arange(topk - 1)
+    return routes
+
+
+def _gather_and_record(num_experts, num_layers, num_forwards, batch=2, seq=4, topk=2, init=True):
+    if init:
+        dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    layers = list(range(1, num_layers + 1))
+    routes = [
+        _routes(seq * batch, num_layers, topk, num_experts, seed=rank * 100 + f, top_id=True)
+        for f in range(num_forwards)
+    ]
+    ids = [[(f * size + rank) * batch + b for b in range(batch)] for f in range(num_forwards)]
+    lengths = [[seq - b for b in range(batch)] for _ in range(num_forwards)]
+    recorder = _Recorder()
+    try:
+        table = gather_route_table(
+            routes,
+            ids,
+            layer_numbers=layers,
+            num_experts=num_experts,
+            topk=topk,
+            plain_routes_per_forward=routes,
+            lengths_per_forward=lengths,
+        )
+    finally:
+        recorder.restore()
+    return {
+        "calls": recorder.calls,
+        "table": table,
+        "routes": routes,
+        "ids": ids,
+        "lengths": lengths,
+    }
+
+
+@pytest.mark.parametrize("num_experts", [8, 300, 40000])
+def test_every_collective_uses_an_nccl_dtype_and_the_table_the_smallest(num_experts):
+    results = run_distributed(_gather_and_record, 2, num_experts, 2, 3)
+    for result in results:
+        assert result["calls"], "no collective recorded"
+        dtypes = {dtype for _, dtype in result["calls"]}
+        assert dtypes <= NCCL_DTYPES, dtypes
+        table = result["table"]
+        assert table.routes_TLK.dtype == route_dtype(num_experts)
+        assert int(table.routes_TLK.max()) == num_experts - 1  # not wrapped on the wire
+    # Every rank ends with the same table, and it holds every rank's real tokens.
+    first = results[0]["table"]
+    assert all(r["table"].equal(first) for r in results)
+    for result in results:
+        for routes, ids, lengths in zip(result["routes"], result["ids"], result["lengths"]):
+            routes_SBLK = routes.view(4, 2, *routes.shape[1:])
+            for column, (sample, length) in enumerate(zip(ids, lengths)):
+                rows = first.rows_for([sample])
+                assert torch.equal(first.routes_TLK[rows].long(), routes_SBLK[:length, column])
+
+
+def test_smallest_dtype_is_exact_at_the_edges():
+    assert route_dtype(256) == torch.uint8 and route_dtype(257) == torch.int16
+    assert route_dtype(32768) == torch.int16  # ids 0..32767 fit int16
+    assert route_dtype(32769) == torch.int32
+
+
+def _collectives_for_layer_counts(layer_counts, num_forwards):
+    dist.init_process_group("gloo")
+    calls = {}
+    for num_layers in layer_counts:
+        calls[num_layers] = _gather_and_record(8, num_layers, num_forwards, init=False)["calls"]
+    return calls
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_one_collective_per_micro_batch(world_size):
+    results = run_distributed(_collectives_for_layer_counts, world_size, (2, 4), 3)
+    for calls_by_layers in results:
+        for num_layers, calls in calls_by_layers.items():
+            # Per micro-batch (3 forwards): one data-parallel all-gather of routes, plain
+            # routes, sample ids and lengths together (none on one rank); per table: one small
+            # exchange of the route checks' statuses.
+            expected = 0 if world_size == 1 else 3 + 1
+            assert len(calls) == expected, (num_layers, calls)
+
+
+# ---------------------------------------------------------------------------- padding
+
+
+def _padded_table(lengths, num_experts, topk):
+    generator = torch.Generator().manual_seed(0)
+    per_sample = [
+        torch.rand((n, 1, num_experts), generator=generator).argsort(-1)[..., :topk]
+        for n in lengths
+    ]
+    return RouteTable.from_samples(
+        per_sample,
+        sample_ids=list(range(len(lengths))),
+        layer_numbers=[1],
+        num_experts=num_experts,
+        topk=topk,
+    )
+
+
+def test_padding_routes_spread_over_experts_and_expert_parallel_ranks():
+    num_experts, topk, seq, ep = 64, 8, 512, 8
+    lengths = [128, 512, 256, 384, 128, 200]  # 4x spread in response lengths
+    table = _padded_table(lengths, num_experts, topk)
+    targets = micro_batch_targets(table, list(range(6)), seq, lengths=lengths)
+    targets_SBK = targets.view(seq, 6, topk)
+    pad_SB = torch.arange(seq).unsqueeze(1) >= torch.tensor(lengths).unsqueeze(0)
+    padding_NK = targets_SBK[pad_SB]
+    assert padding_NK.shape[0] > 0.4 * pad_SB.numel()  # most tokens of the batch are padding
+    assert (padding_NK.sort(-1).values.diff(dim=-1) > 0).all()  # distinct within a row
+    per_expert = torch.bincount(padding_NK.reshape(-1), minlength=num_experts)
+    per_rank = per_expert.view(ep, num_experts // ep).sum(1)
+    assert per_rank.max() - per_rank.min() <= topk  # even over the EP ranks (to one row)
+    assert per_expert.max() - per_expert.min() <= 1  # and over the experts
+    # Real tokens are exactly the table's, padding never counted as a token.
+    for column, length in enumerate(lengths):
+        rows = table.rows_for([column])
+        assert torch.equal(targets_SBK[:length, column], table.routes_TLK[rows][:, 0].long())
+    assert table.num_tokens == sum(lengths)
+
+
+def test_padding_routes_of_a_slice_equal_the_full_micro_batch():
+    table = _padded_table([3, 8, 5], num_experts=8, topk=2)
+    full = micro_batch_targets(table, [0, 1, 2], 8, lengths=[3, 8, 5]).view(8, 3, 1, 2)
+    for tp_rank in range(2):
+        sp = micro_batch_targets(
+            table, [0, 1, 2], 8, lengths=[3, 8, 5], tp_rank=tp_rank, tp_size=2,
+            sequence_parallel=True,
+        )  # fmt: skip
+        assert torch.equal(sp.view(4, 3, 1, 2), full[tp_rank * 4 : (tp_rank + 1) * 4])
