@@ -13,8 +13,10 @@ Prints the tables and writes JSON (``--out``; default ``outputs/bench_route_comm
 2. Time of one batched all-gather of all layers' routes per micro-batch against one all-gather
    per layer, on 2 and 4 gloo ranks (``--ranks``), for 4k-64k tokens per rank, and the
    project's whole path (``gather_route_table``: the batched collective plus packing the
-   table, checking each rank's own rows); "table / collective" is the median per-repeat ratio
-   of the whole path to its batched collective (target <= 1.5 at 4k-32k tokens x 48 layers).
+   table, checking each rank's own rows: the id range always, k distinct ids per row only for
+   routes that do not come from the routers); "table / collective" is the median per-repeat
+   ratio of the whole path to its batched collective for the routers' routes (target <= 1.5 at
+   4k-32k tokens x 48 layers), "+ distinct check" the same with the k-distinct check.
    Variants run interleaved per repeat (rotated order); each repeat's time is the slowest
    rank's; medians over repeats, and the median of the per-repeat ratios.
 3. Scaling of the gather with the number of MoE layers at a fixed token count.
@@ -128,16 +130,25 @@ def _gather_timing(tokens_list, layer_list, topk, experts, repeats, seq_len):
             for src, dst in zip(srcs, outs):
                 dist.all_gather_into_tensor(dst, src)
 
-        def run_table(src=routes, ids=sample_ids, layers=layers):
+        def run_table(src=routes, ids=sample_ids, layers=layers, check_distinct=False):
             gather_route_table(
                 [src],
                 [ids],
                 layer_numbers=list(range(1, layers + 1)),
                 num_experts=experts,
                 topk=topk,
+                check_distinct=check_distinct,
             )
 
-        variants = {"batched": run_batched, "per_layer": run_per_layer, "table": run_table}
+        def run_table_checked(src=routes, ids=sample_ids, layers=layers):
+            run_table(src, ids, layers, check_distinct=True)
+
+        variants = {
+            "batched": run_batched,
+            "per_layer": run_per_layer,
+            "table": run_table,
+            "table_checked": run_table_checked,
+        }
         names = list(variants)
         for name in names:  # warm-up
             _timed(variants[name])
@@ -157,7 +168,7 @@ def gather_rows(ranks: int, tokens_list, layer_list, repeats: int, seq_len: int)
     )[0]
     rows = []
     for result in results:
-        batched, per_layer, full = (torch.tensor(s) for s in result["samples"])
+        batched, per_layer, full, checked = (torch.tensor(s) for s in result["samples"])
         rows.append(
             {
                 "ranks": ranks,
@@ -169,6 +180,8 @@ def gather_rows(ranks: int, tokens_list, layer_list, repeats: int, seq_len: int)
                 "gather_route_table_ms": median(full.tolist()) * 1e3,
                 "ratio": median((per_layer / batched).tolist()),
                 "table_vs_collective": median((full / batched).tolist()),
+                "gather_route_table_checked_ms": median(checked.tolist()) * 1e3,
+                "checked_vs_collective": median((checked / batched).tolist()),
                 "batched_MB_per_s": result["tokens"]
                 * ranks
                 * result["layers"]
@@ -219,7 +232,8 @@ def report(storage, gather) -> str:
     print(f"\n{title}\n" + table(headers, rows))
     md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
     headers = ["ranks", "tokens/rank", "layers", "batched ms", "per-layer ms", "x faster"]
-    headers += ["gather_route_table ms", "table / collective", "batched MB/s"]
+    headers += ["gather_route_table ms", "table / collective", "+ distinct check / collective"]
+    headers += ["batched MB/s"]
     for axis, title in (
         ("tokens", "All-gather of one micro-batch's routes (k=8, E=128, uint8)"),
         ("layers", "Scaling with MoE layers"),
@@ -238,6 +252,7 @@ def report(storage, gather) -> str:
                     r["ratio"],
                     r["gather_route_table_ms"],
                     r["table_vs_collective"],
+                    r["checked_vs_collective"],
                     r["batched_MB_per_s"],
                 ]
             )

@@ -341,6 +341,7 @@ class Trainer:
                 plain_routes=[
                     m.plain_routes_SBLK.reshape(-1, *m.plain_routes_SBLK.shape[2:]) for m in micro
                 ],
+                from_routers=True,  # the routers' own top-k, captured token by token
             )
         rewards = torch.tensor(
             [self.task.reward(p, r) for p, r in zip(samples, batch["responses"])]

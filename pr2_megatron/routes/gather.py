@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from pr2_megatron.errors import RouteError
+from pr2_megatron.routes.checks import _BAD_LENGTHS, FirstProblem
 from pr2_megatron.routes.table import RouteTable, route_dtype
 from pr2_megatron.routes.targets import context_parallel_positions, local_positions
 
@@ -151,103 +152,6 @@ class _PipelineLayout:
         return torch.cat(stages, dim=3).index_select(3, self.order)
 
 
-# Codes of the first problem a rank found in its own routes (propagated to every rank).
-_OK, _OUT_OF_RANGE, _DUPLICATE, _BAD_LENGTHS = range(4)
-_STATUS_FIELDS = 6  # code, forward, sample id, position, layer number, value
-
-
-class _FirstProblem:
-    """The first bad route (or length) among this rank's own real tokens, as a status vector.
-
-    Each rank checks only the rows it recorded (cost proportional to its own tokens); the
-    statuses are exchanged once per table, so every rank raises the same kind of error and
-    none is left waiting in a collective.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.status = torch.zeros(_STATUS_FIELDS, dtype=torch.long, device=device)
-        self.found = False
-
-    def note(self, code: int, forward: int, sample: int, position: int, layer: int, value: int):
-        """Keep the first problem only."""
-        if not self.found:
-            self.found = True
-            self.status = torch.tensor(
-                [code, forward, sample, position, layer, value],
-                dtype=torch.long,
-                device=self.status.device,
-            )
-
-    def check_routes(self, routes_SBLK, real_SB, sample_ids, positions_S, layers, bound, forward):
-        """Expert ids in ``[0, bound)`` and k distinct ids per row, on real tokens only."""
-        if self.found or routes_SBLK.numel() == 0:
-            return
-        routes = routes_SBLK[real_SB]  # [N_real, L, K], (position, sample) row-major
-        if routes.numel() == 0:
-            return
-        info = torch.iinfo(routes.dtype)
-        bad_NLK = torch.zeros(routes.shape, dtype=torch.bool, device=routes.device)
-        if info.min < 0:
-            bad_NLK |= routes < 0
-        if bound - 1 < info.max:
-            bad_NLK |= routes > bound - 1
-        code, bad_NL = _OUT_OF_RANGE, bad_NLK.any(-1)
-        if not bool(bad_NL.any()):
-            code, bad_NL = _DUPLICATE, _rows_with_duplicates(routes)
-            if not bool(bad_NL.any()):
-                return
-        row, column = (int(i) for i in bad_NL.nonzero()[0])
-        position_index, sample_index = (int(i) for i in real_SB.nonzero()[row])
-        value = routes[row, column]
-        value = int(value[bad_NLK[row, column]][0]) if code == _OUT_OF_RANGE else 0
-        self.note(
-            code,
-            forward,
-            int(sample_ids[sample_index]),
-            int(positions_S[position_index]),
-            int(layers[column]),
-            value,
-        )
-
-    def raise_if_any(self, groups, bound: int) -> None:
-        """Exchange the statuses over every group in turn; raise on every rank if any is bad."""
-        status = self.status
-        for group in groups:
-            if group is None or dist.get_world_size(group) == 1:
-                continue
-            gathered = _all_gather(status, group)
-            bad = (gathered[:, 0] != _OK).nonzero()
-            if bad.numel():
-                status = gathered[int(bad[0])]
-        code, forward, sample, position, layer, value = (int(v) for v in status.tolist())
-        if code == _OUT_OF_RANGE:
-            raise RouteError(
-                f"forward {forward}: sample id {sample}, token {position}, MoE layer {layer}: "
-                f"expert id {value} out of range [0, {bound})"
-            )
-        if code == _DUPLICATE:
-            raise RouteError(
-                f"forward {forward}: sample id {sample}, token {position}, MoE layer {layer}: "
-                "duplicate expert ids in the row (k distinct experts are required; duplicates "
-                "break alltoall split sizes)"
-            )
-        if code == _BAD_LENGTHS:
-            raise RouteError(
-                f"forward {forward}: sample id {sample} has length {value}, outside the "
-                f"forward's [0, {position}] tokens"
-            )
-
-
-def _rows_with_duplicates(routes_NLK: torch.Tensor) -> torch.Tensor:
-    """``[N, L]`` bool: rows with a repeated id (pairwise compares: k is small)."""
-    dup_NL = torch.zeros(routes_NLK.shape[:2], dtype=torch.bool, device=routes_NLK.device)
-    k = routes_NLK.shape[-1]
-    for i in range(k):
-        for j in range(i + 1, k):
-            dup_NL |= routes_NLK[..., i] == routes_NLK[..., j]
-    return dup_NL
-
-
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """An integer tensor's last dim as raw bytes: ``[..., X] -> [..., X · itemsize]`` (uint8)."""
     tensor = tensor.contiguous()
@@ -255,33 +159,177 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8).reshape(*tensor.shape[:-1], width)
 
 
-def _data_parallel_gather(routes_SBPLX, ids_B, lengths_B, data_group):
-    """One all-gather of the routes (bytes) with their sample ids and lengths.
+class _ForwardBuffers:
+    """One forward's bytes on the wire, gathered over the data-parallel ranks in one collective.
 
-    Returns ``(routes [R, S, B, P, L, X], ids [R, B], lengths [R, B])``.
+    A rank's buffer is rows of ``W = L·K·itemsize`` bytes: the parts (replayed, plain-replay)
+    as ``[P, S, B]`` token rows in the table's dtype, then the int64 sample ids and lengths in
+    the last rows. Uniform rows make the received buffer one ``[R · rows, W]`` matrix, from
+    which the table's rows are taken with a single ``index_select`` per part
+    (:func:`_assemble`). The send buffer is written once (narrowing to the table's dtype).
     """
-    meta = torch.stack([ids_B, lengths_B], dim=1).reshape(-1)  # int64 [2B]
-    buffer = torch.cat([_as_bytes(meta.unsqueeze(0)).reshape(-1), routes_SBPLX.reshape(-1)])
-    size = _group_size(data_group) if data_group is not None else dist.get_world_size()
-    if size > 1:
-        gathered = _all_gather(buffer, data_group)
-    else:
-        gathered = buffer.unsqueeze(0)
-    meta_bytes = meta.numel() * meta.element_size()
-    meta_R = gathered[:, :meta_bytes].contiguous().view(torch.long).view(size, -1, 2)
-    routes = gathered[:, meta_bytes:].reshape(size, *routes_SBPLX.shape)
-    return routes, meta_R[:, :, 0], meta_R[:, :, 1]
+
+    def __init__(self, batch: int, seq: int, parts: int, layers: int, topk: int, dtype, device):
+        self.batch, self.seq, self.parts, self.layers, self.topk = batch, seq, parts, layers, topk
+        self.dtype = dtype
+        self.width = self.row_width(layers, topk, dtype)
+        self.route_width = self.route_bytes(layers, topk, dtype)
+        self.token_rows = parts * seq * batch
+        self.rows = self.rows_of(batch, seq, parts, self.width)
+        self.send = torch.empty((self.rows, self.width), dtype=torch.uint8, device=device)
+        self.send[self.token_rows :] = 0  # the ids' rows past the ids: defined bytes
+        self.received = None
+
+    @staticmethod
+    def route_bytes(layers: int, topk: int, dtype) -> int:
+        """Bytes of one token's routes: ``L · K · itemsize``."""
+        return layers * topk * torch.empty(0, dtype=dtype).element_size()
+
+    @classmethod
+    def row_width(cls, layers: int, topk: int, dtype) -> int:
+        """Bytes of a buffer row: a token's routes, rounded up to 8 (int64 ids stay aligned)."""
+        return max(8, -(-cls.route_bytes(layers, topk, dtype) // 8) * 8)
+
+    @staticmethod
+    def rows_of(batch: int, seq: int, parts: int, width: int) -> int:
+        """Rows of a rank's buffer: the token rows, then enough rows for ids and lengths."""
+        return parts * seq * batch + -(-(2 * batch * 8) // width)
+
+    def _meta(self, buffer_RW: torch.Tensor) -> torch.Tensor:
+        """The int64 ``[B, 2]`` (sample id, length) of one rank's buffer."""
+        meta = buffer_RW[self.token_rows :].reshape(-1)[: 2 * self.batch * 8]
+        return meta.view(torch.long).view(self.batch, 2)
+
+    def write(self, ids_B, lengths_B, parts_PSBLK) -> None:
+        """Fill the send buffer: the routes in the table's dtype, then ids and lengths."""
+        if self.layers:
+            routes = self.send[: self.token_rows, : self.route_width].view(self.dtype)
+            routes = routes.unflatten(0, (self.parts, self.seq, self.batch))
+            routes = routes.unflatten(-1, (self.layers, self.topk))
+            for part, source in zip(routes, parts_PSBLK):
+                part.copy_(source)
+        meta = self.send[self.token_rows :].reshape(-1)[: 2 * self.batch * 8].view(torch.long)
+        meta.view(self.batch, 2).copy_(torch.stack([ids_B, lengths_B], dim=1))
+
+    def gather(self, data_group, data_size: int, out: torch.Tensor) -> None:
+        """All-gather the ranks' send buffers into ``out`` (contiguous ``[R, rows, W]``)."""
+        if data_size == 1:
+            out[0].copy_(self.send)
+        else:
+            dist.all_gather_into_tensor(out.view(-1), self.send.view(-1), group=data_group)
+        self.received = out
+
+    def meta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [R, B], lengths [R, B])`` of every rank."""
+        metas = torch.stack([self._meta(rank) for rank in self.received])
+        return metas[..., 0], metas[..., 1]
 
 
-def _packed_forward(routes_RSBPLK, ids_RB, lengths_RB):
-    """``[T_f, P, L, K]`` rows of a forward's real tokens, sample after sample, and ``[N]`` ids."""
-    num_ranks, seq, batch = routes_RSBPLK.shape[:3]
-    routes_NSPLK = routes_RSBPLK.transpose(1, 2).reshape(
-        num_ranks * batch, seq, *routes_RSBPLK.shape[3:]
+def _assemble(buffers, stacked_XW, layer_numbers, num_experts, topk, has_plain, dtype):
+    """The forwards' real tokens, in ascending sample-id order, as a :class:`RouteTable`.
+
+    ``stacked_XW`` holds every forward's received buffer, one after the other.
+    """
+    metas = [b.meta() for b in buffers]
+    ids_N = torch.cat([ids.reshape(-1) for ids, _ in metas])
+    lengths_N = torch.cat([lengths.reshape(-1) for _, lengths in metas])
+    sorted_ids_N, order_N = torch.sort(ids_N)
+    repeated = (sorted_ids_N[1:] == sorted_ids_N[:-1]).nonzero()
+    if repeated.numel():
+        raise RouteError(
+            f"sample id {int(sorted_ids_N[int(repeated[0])])} was recorded twice in the rollout"
+        )
+    device = ids_N.device
+    # Row of token (position 0, part 0) of every sample in the stacked received buffers.
+    first_row_N = torch.cat([_first_rows(b, offset) for b, offset in _offsets(buffers)])
+    stride_N = torch.cat(  # rows between a sample's consecutive positions
+        [torch.full((b.received.shape[0] * b.batch,), b.batch, device=device) for b in buffers]
     )
-    lengths_N = lengths_RB.reshape(-1)
-    real_NS = torch.arange(seq, device=lengths_N.device).unsqueeze(0) < lengths_N.unsqueeze(1)
-    return routes_NSPLK[real_NS], ids_RB.reshape(-1), lengths_N
+    part_rows_N = torch.cat(  # rows between the parts of a sample's token
+        [
+            torch.full((b.received.shape[0] * b.batch,), b.seq * b.batch, device=device)
+            for b in buffers
+        ]
+    )
+    sorted_lengths_N = lengths_N[order_N]
+    sample_T = torch.repeat_interleave(order_N, sorted_lengths_N)
+    starts_N = sorted_lengths_N.cumsum(0) - sorted_lengths_N
+    position_T = torch.arange(sample_T.numel(), device=device) - torch.repeat_interleave(
+        starts_N, sorted_lengths_N
+    )
+    rows_T = first_row_N[sample_T] + position_T * stride_N[sample_T]
+    route_width = buffers[0].route_width
+    if route_width == stacked_XW.shape[1]:
+        source_XW = stacked_XW.view(torch.int64)  # row copies in 8-byte words
+    else:
+        source_XW = stacked_XW[:, :route_width]  # rows padded for alignment: copy the bytes
+    parts = []
+    for part in range(2 if has_plain else 1):
+        rows_TW = source_XW.index_select(0, rows_T + part * part_rows_N[sample_T])
+        parts.append(rows_TW.view(torch.uint8).view(dtype).view(-1, len(layer_numbers), topk))
+    table = RouteTable(
+        routes_TLK=parts[0],
+        cu_seqlens=torch.cat([lengths_N.new_zeros(1), sorted_lengths_N.cumsum(0)]),
+        sample_ids=sorted_ids_N,
+        layer_numbers=layer_numbers,
+        num_experts=int(num_experts),
+        topk=int(topk),
+        plain_routes_TLK=parts[1] if has_plain else None,
+    )
+    table._validate_layout()  # the values were checked rank by rank before the gather
+    return table
+
+
+def _offsets(buffers):
+    """Each forward's buffers with the row offset of its received block in the stack."""
+    offset = 0
+    for buffer in buffers:
+        yield buffer, offset
+        offset += buffer.received.shape[0] * buffer.rows
+
+
+def _first_rows(buffer: _ForwardBuffers, offset: int) -> torch.Tensor:
+    """``[R · B]`` row of (position 0, part 0) of each sample (rank-major, then column)."""
+    ranks, device = buffer.received.shape[0], buffer.received.device
+    rank_N = torch.arange(ranks, device=device).repeat_interleave(buffer.batch)
+    column_N = torch.arange(buffer.batch, device=device).repeat(ranks)
+    return offset + rank_N * buffer.rows + column_N
+
+
+def _model_parallel_gather(parts, local_seq, batch, dtype, layout, pp_group, tp_group, cp_group):
+    """Pipeline, sequence- and context-parallel gathers of a forward's parts, in bytes.
+
+    ``parts`` are ``[T_local, L_stage, K]``; returns ``[S, B, L_all, K]`` per part (table
+    dtype): every stage's layers in ascending order, every TP rank's sequence chunk, every CP
+    rank's load-balanced chunks back in sequence order.
+    """
+    local = torch.stack([p.to(dtype).reshape(local_seq, batch, *p.shape[1:]) for p in parts])
+    local = _as_bytes(local.movedim(0, 2))  # [S', B, P, L, K·size]: one buffer for all layers
+    if layout is not None:
+        local = layout.gather(local, pp_group)
+    if tp_group is not None:
+        local = _sequence_parallel_gather(local, tp_group)
+    if cp_group is not None:
+        local = _context_parallel_gather(local, cp_group)
+    full = local.contiguous().view(dtype).movedim(2, 0)  # [P, S, B, L, K]
+    return list(full)
+
+
+def _forward_shapes(routes_per_forward, layout, sample_ids_per_forward):
+    """``(B, S_local)`` of every forward (a stage without MoE layers learns them from others)."""
+    shapes = []
+    for forward, sample_ids in enumerate(sample_ids_per_forward):
+        batch = len(sample_ids)
+        if routes_per_forward is None:
+            tokens = layout.tokens_per_forward[forward]
+        else:
+            tokens = int(routes_per_forward[forward].shape[0])
+        if batch == 0 or tokens % batch:
+            raise RouteError(
+                f"forward {forward}: {tokens} token rows are not a multiple of its {batch} samples"
+            )
+        shapes.append((batch, tokens // batch))
+    return shapes
 
 
 def _device_of(routes_per_forward) -> torch.device:
@@ -290,6 +338,26 @@ def _device_of(routes_per_forward) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _check_arguments(routes_per_forward, plain_routes_per_forward, num_forwards, layers, topk):
+    """Shapes and counts of the arguments (the same on every rank, so raising here is safe)."""
+    if routes_per_forward is None or len(routes_per_forward) != num_forwards:
+        raise RouteError(
+            f"{0 if routes_per_forward is None else len(routes_per_forward)} forwards of routes "
+            f"but {num_forwards} lists of sample ids"
+        )
+    if plain_routes_per_forward is not None and len(plain_routes_per_forward) != num_forwards:
+        raise RouteError(
+            f"{len(plain_routes_per_forward)} forwards of plain-replay routes but "
+            f"{num_forwards} of routes"
+        )
+    for forward, routes_TLK in enumerate(routes_per_forward):
+        if routes_TLK.dim() != 3 or tuple(routes_TLK.shape[1:]) != (len(layers), topk):
+            raise RouteError(
+                f"forward {forward}: routes of shape {tuple(routes_TLK.shape)}, expected "
+                f"[tokens, {len(layers)} MoE layers {layers}, k={topk}]"
+            )
 
 
 def gather_route_table(
@@ -306,6 +374,7 @@ def gather_route_table(
     sequence_parallel: bool = False,
     cp_group=None,
     pp_group=None,
+    check_distinct: bool = True,
 ) -> RouteTable:
     """Build the rollout batch's route table on every rank from each rank's recorded forwards.
 
@@ -318,7 +387,9 @@ def gather_route_table(
     the same collective. ``lengths_per_forward[f][b]`` is sample b's real token count when
     forward f was right-padded (default: the full ``S``); only the real tokens enter the
     (packed) table, and only they are checked (ids in range, k distinct per row): each rank
-    checks its own, and every rank raises if any rank found a bad route.
+    checks its own, and every rank raises if any rank found a bad route. ``check_distinct=False``
+    skips the k-distinct check (k(k-1)/2 compares per row) for routes Megatron's top-k
+    produced, which are distinct by construction; the id range is always checked.
 
     Groups: ``data_group`` None is the default (world) group; ``tp_group`` is used only with
     ``sequence_parallel``; ``cp_group`` and ``pp_group`` None mean no context / pipeline
@@ -331,76 +402,63 @@ def gather_route_table(
     num_forwards = len(sample_ids_per_forward)
     layer_numbers = [int(n) for n in layer_numbers]
     if not layer_numbers and not routes_per_forward:
-        routes_per_forward = None
-        plain_routes_per_forward = None
-    elif routes_per_forward is None or len(routes_per_forward) != num_forwards:
-        raise RouteError(
-            f"{0 if routes_per_forward is None else len(routes_per_forward)} forwards of routes "
-            f"but {num_forwards} lists of sample ids"
+        routes_per_forward = plain_routes_per_forward = None
+    else:
+        _check_arguments(
+            routes_per_forward, plain_routes_per_forward, num_forwards, layer_numbers, topk
         )
-    if plain_routes_per_forward is not None and len(plain_routes_per_forward) != num_forwards:
-        raise RouteError(
-            f"{len(plain_routes_per_forward)} forwards of plain-replay routes but "
-            f"{num_forwards} of routes"
-        )
-    for forward, routes_TLK in enumerate(routes_per_forward or []):
-        if routes_TLK.dim() != 3 or tuple(routes_TLK.shape[1:]) != (len(layer_numbers), topk):
-            raise RouteError(
-                f"forward {forward}: routes of shape {tuple(routes_TLK.shape)}, expected "
-                f"[tokens, {len(layer_numbers)} MoE layers {layer_numbers}, k={topk}]"
-            )
     pp_size = _group_size(pp_group)
     if routes_per_forward is None and pp_size == 1:
         raise RouteError(
             "this rank has no MoE layers and there is no pipeline group to gather them from"
         )
     device = _device_of(routes_per_forward)
-
+    num_parts = 1 if plain_routes_per_forward is None else 2
     layout = None
     if pp_size > 1:
         tokens = [-1] * num_forwards
-        num_parts = 0
         if routes_per_forward is not None:
             tokens = [int(r.shape[0]) for r in routes_per_forward]
-            num_parts = 1 if plain_routes_per_forward is None else 2
+        local_parts = num_parts if routes_per_forward is not None else 0
         layout = _PipelineLayout(
             pp_group,
             layer_numbers,
             num_experts if layer_numbers else 0,
             topk if layer_numbers else 0,
-            num_parts,
+            local_parts,
             tokens,
             device,
         )
-        num_experts, topk = layout.num_experts, layout.topk
-        num_parts = layout.num_parts
-    else:
-        num_parts = 1 if plain_routes_per_forward is None else 2
+        num_experts, topk, num_parts = layout.num_experts, layout.topk, layout.num_parts
     dtype = route_dtype(num_experts)
     tp_size = _group_size(tp_group) if sequence_parallel else 1
     tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
     cp_size = _group_size(cp_group)
     cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
-    problems = _FirstProblem(device)
+    data_size = dist.get_world_size(data_group)
+    all_layers = tuple(layout.layer_numbers if layout is not None else layer_numbers)
+    problems = FirstProblem(device)
 
-    packed, ids, lengths = [], [], []
+    # Every forward's received buffer in one tensor: the table is read out with one index.
+    width = _ForwardBuffers.row_width(len(all_layers), topk, dtype)
+    shapes = _forward_shapes(routes_per_forward, layout, sample_ids_per_forward)
+    seqs = [local_seq * tp_size * cp_size for _, local_seq in shapes]
+    rows = [
+        _ForwardBuffers.rows_of(batch, seq, num_parts, width)
+        for (batch, _), seq in zip(shapes, seqs)
+    ]
+    received_XW = torch.empty((data_size * sum(rows), width), dtype=torch.uint8, device=device)
+    receive_blocks = received_XW.split([data_size * n for n in rows])
+    buffers: list[_ForwardBuffers] = []
     for forward, sample_ids in enumerate(sample_ids_per_forward):
-        batch = len(sample_ids)
-        if routes_per_forward is None:
-            num_tokens = layout.tokens_per_forward[forward]
-            parts = [torch.empty((num_tokens, 0, topk), dtype=dtype, device=device)] * num_parts
+        (batch, local_seq), seq = shapes[forward], seqs[forward]
+        if routes_per_forward is None:  # a stage without MoE layers: empty parts of its shape
+            empty = torch.empty((batch * local_seq, 0, topk), dtype=dtype, device=device)
+            parts = [empty] * num_parts
         else:
             parts = [routes_per_forward[forward]]
             if plain_routes_per_forward is not None:
                 parts.append(plain_routes_per_forward[forward])
-            num_tokens = int(parts[0].shape[0])
-        if batch == 0 or num_tokens % batch:
-            raise RouteError(
-                f"forward {forward}: {num_tokens} token rows are not a multiple of its "
-                f"{batch} samples"
-            )
-        local_seq = num_tokens // batch
-        seq = local_seq * tp_size * cp_size
         lengths_B = _lengths(lengths_per_forward, forward, batch, seq, sample_ids, problems)
         ids_B = torch.as_tensor(list(sample_ids), dtype=torch.long, device=device)
         if routes_per_forward is not None:
@@ -417,32 +475,30 @@ def gather_route_table(
                     layer_numbers,
                     num_experts,
                     forward,
+                    distinct=check_distinct,
                 )
-        # [S', B, P, L, K] in the compact dtype, sent as bytes: one buffer for all layers.
-        local = torch.stack([p.to(dtype).reshape(local_seq, batch, *p.shape[1:]) for p in parts])
-        local = _as_bytes(local.movedim(0, 2))
-        if layout is not None:
-            local = layout.gather(local, pp_group)
-        if tp_size > 1:
-            local = _sequence_parallel_gather(local, tp_group)
-        if cp_size > 1:
-            local = _context_parallel_gather(local, cp_group)
-        routes_RSBPLX, ids_RB, lengths_RB = _data_parallel_gather(
-            local, ids_B, lengths_B, data_group
-        )
-        routes_RSBPLK = routes_RSBPLX.contiguous().view(dtype)
-        forward_rows, forward_ids, forward_lengths = _packed_forward(
-            routes_RSBPLK, ids_RB, lengths_RB
-        )
-        packed.append(forward_rows)
-        ids.append(forward_ids)
-        lengths.append(forward_lengths)
+        if layout is not None or tp_size > 1 or cp_size > 1:
+            parts = _model_parallel_gather(
+                parts,
+                local_seq,
+                batch,
+                dtype,
+                layout,
+                pp_group,
+                tp_group if tp_size > 1 else None,
+                cp_group if cp_size > 1 else None,
+            )
+        else:
+            parts = [p.reshape(local_seq, batch, *p.shape[1:]) for p in parts]
+        buffer = _ForwardBuffers(batch, seq, num_parts, len(all_layers), topk, dtype, device)
+        buffer.write(ids_B, lengths_B, parts)
+        buffer.gather(data_group, data_size, receive_blocks[forward].view(data_size, -1, width))
+        buffers.append(buffer)
     world_if_none = data_group if data_group is not None else dist.group.WORLD
     problems.raise_if_any(
         (pp_group, tp_group if tp_size > 1 else None, cp_group, world_if_none), num_experts
     )
-    layers = tuple(layout.layer_numbers if layout is not None else layer_numbers)
-    return _sorted_table(packed, ids, lengths, layers, num_experts, topk, num_parts == 2)
+    return _assemble(buffers, received_XW, all_layers, num_experts, topk, num_parts == 2, dtype)
 
 
 def _lengths(lengths_per_forward, forward, batch, seq, sample_ids, problems) -> torch.Tensor:
@@ -457,32 +513,3 @@ def _lengths(lengths_per_forward, forward, batch, seq, sample_ids, problems) -> 
         if not 0 <= length <= seq:
             problems.note(_BAD_LENGTHS, forward, int(sample), seq, 0, length)
     return torch.tensor(lengths, dtype=torch.long, device=device).clamp(0, seq)
-
-
-def _sorted_table(packed, ids, lengths, layer_numbers, num_experts, topk, has_plain) -> RouteTable:
-    """The forwards' packed rows in ascending sample-id order, as a :class:`RouteTable`."""
-    rows_TPLK = torch.cat(packed)
-    ids_N, lengths_N = torch.cat(ids), torch.cat(lengths)
-    ids_sorted_N, order_N = torch.sort(ids_N)
-    repeated = (ids_sorted_N[1:] == ids_sorted_N[:-1]).nonzero()
-    if repeated.numel():
-        raise RouteError(
-            f"sample id {int(ids_sorted_N[int(repeated[0])])} was recorded twice in the rollout"
-        )
-    starts_N = lengths_N.cumsum(0) - lengths_N
-    sorted_lengths_N = lengths_N[order_N]
-    sorted_starts_N = sorted_lengths_N.cumsum(0) - sorted_lengths_N
-    shift_T = torch.repeat_interleave(starts_N[order_N] - sorted_starts_N, sorted_lengths_N)
-    rows_TPLK = rows_TPLK[torch.arange(shift_T.numel(), device=shift_T.device) + shift_T]
-    cu_seqlens = torch.cat([lengths_N.new_zeros(1), sorted_lengths_N.cumsum(0)])
-    table = RouteTable(
-        routes_TLK=rows_TPLK[:, 0],
-        cu_seqlens=cu_seqlens,
-        sample_ids=ids_sorted_N,
-        layer_numbers=layer_numbers,
-        num_experts=int(num_experts),
-        topk=int(topk),
-        plain_routes_TLK=rows_TPLK[:, 1] if has_plain else None,
-    )
-    table._validate_layout()  # the values were checked rank by rank before the gather
-    return table

@@ -219,14 +219,20 @@ class RoutePath:
         batches: Sequence[MicroBatch],
         routes: Optional[Sequence[torch.Tensor]] = None,
         plain_routes: Optional[Sequence[torch.Tensor]] = None,
+        *,
+        from_routers: Optional[bool] = None,
     ) -> RouteTable:
         """The route table of a pass on every rank (collective over all the path's groups).
 
         ``routes[f]`` / ``plain_routes[f]`` are this rank's ``[T, L, K]`` routes of
         ``batches[f]``; by default the routes the controller recorded in this pass, one per
-        forward, and (predict phase) the plain-replay routes beside them.
+        forward, and (predict phase) the plain-replay routes beside them. Every rank checks
+        its own real tokens' ids; routes given from elsewhere (``from_routers`` False, the
+        default when ``routes`` is given) are also checked for k distinct ids per row.
         """
         ctl = self.controller
+        if from_routers is None:
+            from_routers = routes is None
         if routes is None:
             routes = ctl.collect_routes() if ctl.routers else None
             if plain_routes is None and ctl.phase.value == "predict" and ctl.routers:
@@ -244,6 +250,7 @@ class RoutePath:
             sequence_parallel=self.groups.sequence_parallel,
             cp_group=self.groups.context,
             pp_group=self.groups.pipeline,
+            check_distinct=not from_routers,
         )
 
     # -------------------------------------------------------------------------- training
