@@ -68,6 +68,10 @@ class PR2RouterConfig:
     feature_cache_tokens: int = 2048
     #: Seed of the cache's uniform token sampling (offset by the layer number).
     cache_seed: int = 1234
+    #: At most this many tokens cached per MoE layer on a rank over all responses (None: no
+    #: cap): the smallest sampling priorities of all responses' candidates, a uniform sample.
+    #: Host memory per rank <= this × MoE layers × (2H + 4E) bytes (about 1.5x while filling).
+    feature_cache_max_total_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.loss not in PREDICTOR_LOSSES:
@@ -78,6 +82,9 @@ class PR2RouterConfig:
             raise ValueError(
                 f"pr2.feature_cache_tokens must be >= 1, got {self.feature_cache_tokens}"
             )
+        cap = self.feature_cache_max_total_tokens
+        if cap is not None and cap < 1:
+            raise ValueError(f"pr2.feature_cache_max_total_tokens must be >= 1 or None, got {cap}")
 
 
 class _ExpertSelector:
@@ -143,7 +150,9 @@ class PR2Router(TopKRouter):
         """Megatron tells each router its global (1-based) layer number."""
         super().set_layer_number(layer_number)
         self.feature_cache = FeatureCache(
-            self.pr2_config.feature_cache_tokens, self.pr2_config.cache_seed + layer_number
+            self.pr2_config.feature_cache_tokens,
+            self.pr2_config.cache_seed + layer_number,
+            self.pr2_config.feature_cache_max_total_tokens,
         )
 
     def set_phase(
