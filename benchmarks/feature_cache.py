@@ -13,6 +13,9 @@ with ``--quick`` ``outputs/bench_feature_cache_quick.json``):
    against the previous implementation (kept here as ``MergeAllCache``: every add concatenated
    and re-selected the whole cache), interleaved, for a pass of full-sequence forwards and for
    token-by-token decoding (one token per response per forward).
+   With a total cap (``feature_cache_max_total_tokens``): the tokens a rank's cache holds per
+   layer for 64 responses at T_c = 2048 (Qwen3-30B-A3B bytes per token), and the cost of a
+   prefill pass into an uncapped and a capped cache, interleaved.
 3. Accuracy on a toy drift task (as ``tests/test_predictor.py``): a tiny GPT-MoE whose routers
    follow a fixed objective for N mini-steps per rollout; the predictor learns from at most T_c
    cached tokens per response. Reported: overlap of the predicted route with the live route
@@ -191,8 +194,86 @@ def _cost_row(kind, forwards, tc, tokens_per_forward, samples) -> dict:
     }
 
 
+# ------------------------------------------------------------------------- 2b. total cap
+def cap_memory_rows(caps: list[int], responses: int, tc: int) -> list[dict]:
+    """Tokens and bytes a rank's cache holds per layer with a total cap (Qwen3-30B-A3B sizes).
+
+    ``responses`` responses longer than T_c are offered (8 forwards); the tokens held are
+    measured (``len``) on a cache with H = 8, E = 4, and the bytes are those tokens times the
+    bytes of a cached token at the model's size (2H + 4E, measured in table 1).
+    """
+    hidden, experts, layers = MODELS["Qwen3-30B-A3B"]
+    per_token = 2 * hidden + 4 * experts
+    length = tc + tc // 2
+    rows = []
+    for cap in [None, *caps]:
+        cache = FeatureCache(tc, seed=0, max_total_tokens=cap)
+        per_forward = responses // 8
+        for f in range(8):
+            groups = (torch.arange(per_forward) + f * per_forward).repeat(length)
+            keys = groups * length + torch.arange(length).repeat_interleave(per_forward)
+            cache.add(keys, groups, torch.zeros(keys.numel(), 8), torch.zeros(keys.numel(), 4))
+        held = len(cache)
+        assert held == (responses * tc if cap is None else min(cap, responses * tc))
+        rows.append(
+            {
+                "model": "Qwen3-30B-A3B",
+                "responses_per_rank": responses,
+                "T_c": tc,
+                "cap": cap,
+                "tokens_per_layer": held,
+                "MiB_per_layer": held * per_token / 2**20,
+                "GiB_per_rank": held * per_token * layers / 2**30,
+            }
+        )
+    return rows
+
+
+def cap_cost_rows(args) -> list[dict]:
+    """A prefill pass (16 forwards of 4 new responses) into an uncapped and a capped cache."""
+    hidden, experts, batch, seq = args.hidden, args.experts, args.batch, args.seq
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(batch * seq, hidden, generator=generator)
+    z = torch.randn(batch * seq, experts, generator=generator)
+    forwards = 16
+    held = {}
+
+    def prefill(cap):
+        def run():
+            cache = FeatureCache(seq, seed=0, max_total_tokens=cap)
+            for f in range(forwards):
+                keys = torch.arange(batch * seq) + f * batch * seq
+                groups = (torch.arange(batch) + f * batch).repeat(seq)
+                cache.add(keys, groups, h, z)
+            cache.features()
+            held[cap] = cache.nbytes()
+
+        return run
+
+    caps = [None, *args.fill_caps]
+    samples = interleaved({str(cap): prefill(cap) for cap in caps}, args.repeats)
+    rows = []
+    for cap in caps:
+        times = samples[str(cap)]
+        rows.append(
+            {
+                "forwards": forwards,
+                "tokens_per_forward": batch * seq,
+                "T_c": seq,
+                "cap": cap,
+                "median_ms": median(times) * 1e3,
+                "min_ms": min(times) * 1e3,
+                "x_uncapped": median([t / u for t, u in zip(times, samples["None"])]),
+                "held_MiB": held[cap] / 2**20,
+            }
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------- 3. accuracy
-def drift_overlap(tc: int, seed: int, seq: int, rollouts: int, mini_steps: int) -> dict:
+def drift_overlap(
+    tc: int, seed: int, seq: int, rollouts: int, mini_steps: int, cap: int | None = None
+) -> dict:
     """Late overlap with the future live route: PR2 (cache of T_c tokens) vs plain replay."""
     from pr2_megatron.metrics import topk_overlap
     from pr2_megatron.models.builder import MoEModelConfig
@@ -203,7 +284,7 @@ def drift_overlap(tc: int, seed: int, seq: int, rollouts: int, mini_steps: int) 
     topk = 2
     setup = TinySetup(
         model=MoEModelConfig(num_layers=2, num_experts=8, topk=topk, max_sequence_length=seq),
-        pr2=PR2RouterConfig(feature_cache_tokens=tc),
+        pr2=PR2RouterConfig(feature_cache_tokens=tc, feature_cache_max_total_tokens=cap),
         seed=1234 + seed,
     )
     model = build(setup)
@@ -255,18 +336,24 @@ def accuracy_rows(args) -> list[dict]:
 
     single_process_megatron()
     rows = []
-    for tc in args.accuracy_tc:
+    responses = 8  # of drift_overlap's batch
+    settings = [(tc, None) for tc in args.accuracy_tc] + list(args.accuracy_caps)
+    for tc, cap in settings:
         runs = [
-            drift_overlap(tc, seed, args.accuracy_seq, args.rollouts, args.mini_steps)
+            drift_overlap(tc, seed, args.accuracy_seq, args.rollouts, args.mini_steps, cap)
             for seed in range(args.seeds)
         ]
         predicted = sum(r["predicted"] for r in runs) / len(runs)
         old = sum(r["old"] for r in runs) / len(runs)
+        per_layer = min(tc, args.accuracy_seq) * responses
+        if cap is not None:
+            per_layer = min(per_layer, cap)
         rows.append(
             {
                 "T_c": tc,
+                "cap": cap,
                 "seq": args.accuracy_seq,
-                "cached_fraction": min(1.0, tc / args.accuracy_seq),
+                "cached_fraction": per_layer / (args.accuracy_seq * responses),
                 "overlap_predicted": predicted,
                 "overlap_old": old,
                 "gain": predicted - old,
@@ -276,7 +363,7 @@ def accuracy_rows(args) -> list[dict]:
     return rows
 
 
-def report(memory, cost, accuracy) -> str:
+def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
     md = []
     headers = ["model", "H", "E", "MoE layers", "T_c", "B/token", "MiB/resp/layer"]
     headers += ["MiB/resp (all layers)", "GiB/rank"]
@@ -316,9 +403,52 @@ def report(memory, cost, accuracy) -> str:
     title = "Filling the cache over one rollout pass (add + final features())"
     print(f"\n{title}\n" + table(headers, rows))
     md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
-    headers = ["T_c", "cached share", "overlap pred", "overlap old (replay)", "pred - old"]
+    headers = ["model", "responses/rank", "T_c", "total cap", "tokens/layer", "MiB/layer"]
+    headers += ["GiB/rank"]
     rows = [
-        [r["T_c"], r["cached_fraction"], r["overlap_predicted"], r["overlap_old"], r["gain"]]
+        [
+            r["model"],
+            r["responses_per_rank"],
+            r["T_c"],
+            "none" if r["cap"] is None else r["cap"],
+            r["tokens_per_layer"],
+            r["MiB_per_layer"],
+            r["GiB_per_rank"],
+        ]
+        for r in cap_memory
+    ]
+    title = "Feature cache memory with a total cap (feature_cache_max_total_tokens)"
+    print(f"\n{title}\n" + table(headers, rows))
+    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    headers = ["forwards", "tokens/fwd", "T_c", "total cap", "median ms", "min ms"]
+    headers += ["x uncapped", "held MiB"]
+    rows = [
+        [
+            r["forwards"],
+            r["tokens_per_forward"],
+            r["T_c"],
+            "none" if r["cap"] is None else r["cap"],
+            r["median_ms"],
+            r["min_ms"],
+            r["x_uncapped"],
+            r["held_MiB"],
+        ]
+        for r in cap_cost
+    ]
+    title = "Filling the cache over a prefill pass, with a total cap (add + final features())"
+    print(f"\n{title}\n" + table(headers, rows))
+    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    headers = ["T_c", "total cap", "cached share", "overlap pred", "overlap old (replay)"]
+    headers += ["pred - old"]
+    rows = [
+        [
+            r["T_c"],
+            "none" if r["cap"] is None else r["cap"],
+            r["cached_fraction"],
+            r["overlap_predicted"],
+            r["overlap_old"],
+            r["gain"],
+        ]
         for r in accuracy
     ]
     title = "Toy drift: late overlap with the future live route"
@@ -349,24 +479,33 @@ def main() -> None:
     args.forwards = [4, 16] if quick else [4, 16, 32]
     args.decode_steps = [64] if quick else [256]
     args.accuracy_tc = [4, 64] if quick else [2, 8, 32, 64]
+    # (T_c, total cap): the same tokens per layer as T_c 8 / 32, sampled over all responses.
+    args.accuracy_caps = [(64, 64)] if quick else [(64, 64), (64, 256)]
     args.accuracy_seq = 64
     args.seeds = 1 if quick else 3
     args.rollouts = 6 if quick else 10
     args.mini_steps = 4
     tc_list = [256, 2048] if quick else [256, 1024, 2048, 4096]
+    args.caps = [16384, 65536] if quick else [8192, 16384, 32768, 65536]
+    args.fill_caps = [2048] if quick else [2048, 8192]
 
     memory = memory_rows(tc_list, args.responses_per_rank)
     print("filling the cache ...", flush=True)
     cost = add_cost_rows(args)
+    print("total cap ...", flush=True)
+    cap_memory = cap_memory_rows(args.caps, args.responses_per_rank, 2048)
+    cap_cost = cap_cost_rows(args)
     print("toy drift task ...", flush=True)
     accuracy = accuracy_rows(args)
-    markdown = report(memory, cost, accuracy)
+    markdown = report(memory, cost, cap_memory, cap_cost, accuracy)
     write_json(
         args.out,
         {
             "responses_per_rank": args.responses_per_rank,
             "memory": memory,
             "add_cost": cost,
+            "cap_memory": cap_memory,
+            "cap_cost": cap_cost,
             "accuracy": accuracy,
             "markdown": markdown,
         },

@@ -52,8 +52,19 @@ FULL = dict(hidden=1024, experts=64, topk=8, ffn=512, seq=1024, batch=4, repeats
 QUICK = dict(hidden=256, experts=16, topk=4, ffn=256, seq=256, batch=4, repeats=5)
 
 
-def build_layer(kind: str, hidden: int, experts: int, topk: int, ffn: int, cache_tokens: int):
-    """One Megatron ``MoELayer`` (local spec, alltoall) with the router of ``kind``."""
+def build_layer(
+    kind: str,
+    hidden: int,
+    experts: int,
+    topk: int,
+    ffn: int,
+    cache_tokens: int,
+    cache_total: int | None = None,
+):
+    """One Megatron ``MoELayer`` (local spec, alltoall) with the router of ``kind``.
+
+    ``cache_total``: the PR2 feature cache's total cap (``feature_cache_max_total_tokens``).
+    """
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.moe.router_replay import RouterReplay
     from megatron.core.transformer.spec_utils import build_module
@@ -78,7 +89,10 @@ def build_layer(kind: str, hidden: int, experts: int, topk: int, ffn: int, cache
         RouterReplay.clear_global_router_replay_instances()
         config.moe_enable_routing_replay = True
     if kind == "pr2":
-        builder = pr2_router_builder(PR2RouterConfig(feature_cache_tokens=cache_tokens))
+        pr2_config = PR2RouterConfig(
+            feature_cache_tokens=cache_tokens, feature_cache_max_total_tokens=cache_total
+        )
+        builder = pr2_router_builder(pr2_config)
     else:
         builder = TopKRouter
     spec = pr2_decoder_block_spec(config, router_builder=builder)
@@ -161,15 +175,21 @@ def run(args) -> dict:
 
         return step
 
-    train = {
-        "stock": stock_train,
-        "megatron replay": megatron_replay_train,
-        "pr2 replay": pr2_replay(),
-        "pr2 replay + metrics": pr2_replay(collect_metrics=True),
-        "pr2 replay + predictor loss": pr2_replay(train_predictor=True),
-    }
-    print("\ntraining forward + backward ...", flush=True)
-    train_samples = interleaved(train, repeats)
+    train = (
+        {}
+        if args.rollout_only
+        else {
+            "stock": stock_train,
+            "megatron replay": megatron_replay_train,
+            "pr2 replay": pr2_replay(),
+            "pr2 replay + metrics": pr2_replay(collect_metrics=True),
+            "pr2 replay + predictor loss": pr2_replay(train_predictor=True),
+        }
+    )
+    train_samples = {}
+    if train:
+        print("\ntraining forward + backward ...", flush=True)
+        train_samples = interleaved(train, repeats)
 
     # Rollout: no grad, eval mode.
     for layer in (stock, mreplay, pr2):
@@ -202,13 +222,14 @@ def run(args) -> dict:
     ]
 
     def prefill_cache(layer):
-        # The earlier forwards of the same rollout pass: other responses (negative keys and
-        # response ids, so they never collide with the timed forward's).
+        # The earlier forwards of the same rollout pass: other responses (keys from 2^40 and
+        # response ids from 2^20, so they never collide with the timed forward's running
+        # positions; negative keys would be skipped by the cache and leave it empty).
         def setup():
             layer.router.set_phase(RoutingPhase.PREDICT)
             for f in range(held):
-                keys = -1 - torch.arange(f * tokens, (f + 1) * tokens)
-                groups = -1 - (torch.arange(batch) + f * batch).repeat(seq)
+                keys = (1 << 40) + torch.arange(f * tokens, (f + 1) * tokens)
+                groups = (1 << 20) + (torch.arange(batch) + f * batch).repeat(seq)
                 layer.router.feature_cache.add(keys, groups, *earlier[f % len(earlier)])
 
         return setup
@@ -234,8 +255,24 @@ def run(args) -> dict:
             pr2_prev.eval()
             roll[late + " (previous cache)"] = lambda: rollout(pr2_prev)
             setups[late + " (previous cache)"] = prefill_cache(pr2_prev)
+        if args.cache_total:
+            # The same layer with a total cap on the cache: late in the pass, most tokens fall
+            # above the total threshold and are never copied.
+            capped = build_layer("pr2", hidden, experts, topk, ffn, cache_tokens, args.cache_total)
+            capped.load_state_dict(pr2.state_dict())
+            capped.eval()
+            name = f"{late}, total cap {args.cache_total}"
+            roll[name] = lambda: rollout(capped)
+            setups[name] = prefill_cache(capped)
     print("rollout forward (no grad) ...", flush=True)
     roll_samples = interleaved(roll, repeats, setups=setups)
+    if args.rollout_only:
+        return {
+            "sizes": {**sizes, "tokens": tokens, "cache_tokens": cache_tokens, "held": held},
+            "cache_total": args.cache_total,
+            "train": [],
+            "rollout": _rows(roll_samples, "stock"),
+        }
 
     # The predictor-loss step alone: router forward + backward with / without it.
     pr2.train()
@@ -305,6 +342,8 @@ def report(result: dict) -> str:
         ("train", "Training forward + backward of one MoE layer"),
         ("rollout", "Rollout forward (no grad) of one MoE layer"),
     ):
+        if not result[key]:
+            continue
         headers = ["variant", "median ms", "min ms", "x stock (paired median)", "x stock (min)"]
         rows = [
             [
@@ -318,6 +357,8 @@ def report(result: dict) -> str:
         ]
         print(f"\n{title}\n" + table(headers, rows))
         out.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    if "predictor_loss" not in result:
+        return "\n\n".join(out)
     p = result["predictor_loss"]
     headers = ["", "router ms", "router + loss ms", "loss step ms", "MoE layer step ms"]
     headers += ["fraction"]
@@ -371,6 +412,17 @@ def main() -> None:
         dest="previous_cache",
         action="store_false",
         help="skip the late predict variant with the previous feature cache implementation",
+    )
+    parser.add_argument(
+        "--cache-total",
+        type=int,
+        default=None,
+        help="also time the late predict variant with this total cap on the feature cache",
+    )
+    parser.add_argument(
+        "--rollout-only",
+        action="store_true",
+        help="time the rollout forward only (skip training variants and the predictor loss)",
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
     parser.add_argument("--out", help="JSON path (default: outputs/bench_router_cost.json)")

@@ -167,3 +167,189 @@ def test_cache_skips_negative_keys_like_offering_only_the_others():
     a, b = skipping.features(), filtered.features()
     assert torch.equal(a.keys_C, b.keys_C) and (a.keys_C >= 0).all()
     assert torch.equal(a.hidden_CH, b.hidden_CH) and torch.equal(a.logits_CE, b.logits_CE)
+
+
+# ------------------------------------------------------------------------- the total cap
+def _brute_force_sample(offers, per_response, total, seed):
+    """Keys the cache must keep: scan every offered token by priority (the cache's generator,
+    one draw per add of its non-negative keys), keep it while its response holds fewer than
+    ``per_response`` and the sample fewer than ``total`` (None: no cap)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = []
+    for keys, groups in offers:
+        offered = keys >= 0
+        priority = torch.rand(int(offered.sum()), generator=generator, dtype=torch.float64)
+        tokens += zip(priority.tolist(), keys[offered].tolist(), groups[offered].tolist())
+    kept, per_group = [], {}
+    for _, key, group in sorted(tokens):
+        if total is not None and len(kept) == total:
+            break
+        if per_group.get(group, 0) < per_response:
+            per_group[group] = per_group.get(group, 0) + 1
+            kept.append(key)
+    return sorted(kept)
+
+
+def _random_offers(rng, responses, max_len, max_per_forward):
+    """Forwards of a rollout pass: each offers a few next positions of random responses (some
+    keys -1), rows shuffled; responses span forwards like chunked prefill or decoding."""
+    lengths = [rng.randint(1, max_len) for _ in range(responses)]
+    done = [0] * responses
+    offers = []
+    while any(d < n for d, n in zip(done, lengths)):
+        keys, groups = [], []
+        for response in range(responses):
+            for _ in range(rng.randint(0, max_per_forward)):
+                if done[response] < lengths[response]:
+                    skipped = rng.random() < 0.1
+                    keys.append(-1 if skipped else response * 1000 + done[response])
+                    groups.append(response)
+                    done[response] += 1
+        order = list(range(len(keys)))
+        rng.shuffle(order)
+        if keys:
+            offers.append((torch.tensor(keys)[order], torch.tensor(groups)[order]))
+    return offers
+
+
+def _offer(cache, keys, groups):
+    """Router inputs / logits that name their token: h = key (bf16-rounded), z = key."""
+    values = keys.float().unsqueeze(1)
+    cache.add(keys, groups, values.repeat(1, 3), values.repeat(1, 2))
+
+
+def test_total_cap_keeps_exactly_what_brute_force_selects_and_bounds_held_tokens():
+    import random
+
+    rng = random.Random(0)
+    capped = 0
+    for trial in range(300):
+        per_response = rng.choice([1, 2, 3, 8, 50])
+        total = rng.choice([None, 1, 2, 5, 10, 30])
+        cache = FeatureCache(per_response, seed=trial, max_total_tokens=total)
+        offers = _random_offers(rng, rng.randint(1, 8), 40, rng.choice([1, 6, 20]))
+        for keys, groups in offers:
+            _offer(cache, keys, groups)
+            if total is not None:
+                assert cache.held_tokens() <= 1.5 * total + keys.numel()
+            if rng.random() < 0.2:
+                cache.features()  # a read in the middle of the pass changes nothing
+        expected = _brute_force_sample(offers, per_response, total, seed=trial)
+        features = cache.features()
+        kept = [] if features is None else features.keys_C.tolist()
+        assert kept == expected, (trial, per_response, total)
+        assert len(cache) == len(expected)
+        if total is not None:
+            assert len(cache) <= total
+            capped += len(cache) == total
+        if features is not None:
+            assert torch.equal(features.logits_CE[:, 0], features.keys_C.float())
+            assert torch.equal(features.hidden_CH[:, 0], features.keys_C.float().bfloat16())
+    assert capped > 60  # the cap bound in many trials
+
+
+def test_total_cap_is_a_uniform_sample_of_all_responses_tokens():
+    # Responses of 4, 8 and 12 tokens, T_c above every length, a total of 6: every one of the
+    # 24 tokens is kept with probability 6/24, whichever forward offered it.
+    trials, counts = 600, torch.zeros(24)
+    groups = torch.repeat_interleave(torch.arange(3), torch.tensor([4, 8, 12]))
+    for trial in range(trials):
+        cache = FeatureCache(100, seed=trial, max_total_tokens=6)
+        for half in (torch.arange(0, 24, 2), torch.arange(1, 24, 2)):
+            _offer(cache, half, groups[half])
+        counts += torch.bincount(cache.features().keys_C, minlength=24)
+    expected = trials * 6 / 24
+    assert (counts - expected).abs().max() < 4 * (expected * (1 - 6 / 24)) ** 0.5
+
+
+def test_total_cap_holds_the_bytes_it_promises():
+    hidden, experts, cap = 64, 16, 100
+    cache = FeatureCache(512, seed=0, max_total_tokens=cap)
+    generator = torch.Generator().manual_seed(0)
+    for forward in range(8):  # 8 prefill forwards of 4 new responses x 256 tokens
+        keys = torch.arange(1024) + forward * 1024
+        groups = (torch.arange(4) + forward * 4).repeat(256)
+        h = torch.randn(1024, hidden, generator=generator)
+        cache.add(keys, groups, h, torch.randn(1024, experts, generator=generator))
+        assert cache.held_tokens() <= 1.5 * cap + 1024
+    assert len(cache) == cap and cache.nbytes() == cap * (2 * hidden + 4 * experts)
+    uncapped = FeatureCache(512, seed=0)
+    uncapped.add(keys, groups, h, torch.zeros(1024, experts))
+    assert len(uncapped) == 1024
+
+
+def test_bad_total_caps_are_rejected_naming_the_value():
+    from pr2_megatron.routing.router import PR2RouterConfig
+
+    with pytest.raises(ValueError, match="total cap must be >= 1 or None, got 0"):
+        FeatureCache(4, seed=0, max_total_tokens=0)
+    with pytest.raises(ValueError, match="feature_cache_max_total_tokens must be >= 1.*got -3"):
+        PR2RouterConfig(feature_cache_max_total_tokens=-3)
+
+
+# ------------------------------------------------------------------ device-to-host copies
+class _LateCopies:
+    """Stands in for the GPU's non-blocking copies on CPU: a copy's values (NaN until then)
+    arrive only at wait(), so a cache that reads before waiting reads garbage."""
+
+    def __init__(self):
+        self._pending = []
+
+    def copy(self, source, dtype, fresh=False):
+        host = torch.full(source.shape, float("nan"), dtype=dtype)
+        self._pending.append((host, source.detach().to(dtype, copy=True)))
+        return host
+
+    @property
+    def pending(self):
+        return len(self._pending)
+
+    def wait(self):
+        for host, value in self._pending:
+            host.copy_(value)
+        self._pending.clear()
+
+    def forget(self):
+        self._pending.clear()
+
+
+@pytest.mark.parametrize("total", [None, 12])
+def test_cache_waits_for_late_host_copies_before_every_read(total):
+    import random
+
+    offers = _random_offers(random.Random(1), 6, 30, 5)  # responses span forwards: compactions
+    late, direct = FeatureCache(3, seed=4, max_total_tokens=total), FeatureCache(3, 4, total)
+    late._copies = _LateCopies()
+    generator = torch.Generator().manual_seed(0)
+    for step, (keys, groups) in enumerate(offers):
+        h = torch.randn(keys.numel(), 5, generator=generator)
+        z = torch.randn(keys.numel(), 7, generator=generator)
+        late.add(keys, groups, h, z)
+        direct.add(keys, groups, h, z)
+        if step == len(offers) // 2:
+            token_idx, _ = late.lookup(keys)  # a read mid-pass waits too
+            assert torch.equal(token_idx, direct.lookup(keys)[0])
+            assert late._copies.pending == 0
+    a, b = late.features(), direct.features()
+    assert late._copies.pending == 0
+    assert torch.equal(a.keys_C, b.keys_C)
+    assert torch.equal(a.hidden_CH, b.hidden_CH) and torch.equal(a.logits_CE, b.logits_CE)
+
+
+@pytest.mark.gpu
+def test_gpu_cache_copies_into_pinned_memory_without_blocking_and_matches_cpu():
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(4096, 256, generator=generator)
+    z = torch.randn(4096, 64, generator=generator)
+    keys, groups = torch.arange(4096), torch.arange(4).repeat(1024)
+    on_gpu, on_cpu = FeatureCache(512, seed=1), FeatureCache(512, seed=1)
+    on_gpu.add(keys, groups, h.cuda(), z.cuda())
+    on_cpu.add(keys, groups, h, z)
+    assert on_gpu._copies.pending == 2  # issued, not waited for
+    chunk = on_gpu._chunks[0]
+    assert chunk.hidden_CH.is_pinned() and chunk.logits_CE.is_pinned()
+    a, b = on_gpu.features(), on_cpu.features()
+    assert on_gpu._copies.pending == 0
+    assert a.hidden_CH.device.type == "cpu"
+    assert torch.equal(a.keys_C, b.keys_C)
+    assert torch.equal(a.hidden_CH, b.hidden_CH) and torch.equal(a.logits_CE, b.logits_CE)

@@ -283,6 +283,34 @@ class RoutingAgreement:
         self._fwd_layers.add(layer_number)
         self._fwd_agree_T = agree_T if self._fwd_agree_T is None else self._fwd_agree_T & agree_T
 
+    def add_forward(
+        self,
+        routes: Mapping[str, torch.Tensor | None],
+        layer_numbers: Sequence[int],
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Add one forward's ``[T, L, K]`` routes: begin a forward, update every layer.
+
+        ``routes`` holds ``replayed``, ``live`` and optionally ``plain`` (None or missing: not
+        given); column l is MoE layer ``layer_numbers[l]``. ``rows`` (int64 indices, or None for
+        all rows) keeps only some token rows, e.g. the response tokens. The routes can be
+        released afterwards: the accumulator keeps sums (and nothing of the forward once the
+        next one begins).
+        """
+        picked = {
+            name: None if routes.get(name) is None else _pick_rows(routes[name], rows)
+            for name in ("replayed", "live", "plain")
+        }
+        self.begin_forward()
+        plain = picked["plain"]
+        for column, layer in enumerate(layer_numbers):
+            self.update(
+                layer,
+                picked["replayed"][:, column],
+                picked["live"][:, column],
+                None if plain is None else plain[:, column],
+            )
+
     # -- raw sums and reduction ---------------------------------------------------------------
 
     def as_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -451,19 +479,7 @@ def routing_agreement(
         raise ValueError(f"{len(rows_per_forward)} row selections for {len(forwards)} forwards")
     for index, routes in enumerate(forwards):
         rows = None if rows_per_forward is None else rows_per_forward[index]
-        picked = {
-            name: None if routes.get(name) is None else _pick_rows(routes[name], rows)
-            for name in ("replayed", "live", "plain")
-        }
-        agreement.begin_forward()
-        for column, layer in enumerate(layer_numbers):
-            plain = picked["plain"]
-            agreement.update(
-                layer,
-                picked["replayed"][:, column],
-                picked["live"][:, column],
-                None if plain is None else plain[:, column],
-            )
+        agreement.add_forward(routes, layer_numbers, rows)
     for group in groups:
         agreement.reduce_(group)
     return agreement

@@ -27,6 +27,7 @@ finish the step, save, write ``STOPPED_BY_SIGNAL`` and exit 0.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import random
 import signal
@@ -470,20 +471,27 @@ class Trainer:
         cfg = self.cfg
         mode = cfg.replay.mode
         train_predictor = mode == "pr2" and mini_step >= 2
+        routing = None
+        if self.controller is not None:
+            # Each forward's routes are reduced as soon as it has run, then released.
+            routing = _MiniStepRouting(self.controller.layer_numbers, live_routing=mode == "none")
         if mode != "none":
-            self.controller.replay(train_predictor=train_predictor, collect_metrics=True)
+            self.controller.replay(
+                train_predictor=train_predictor, collect_metrics=True, on_forward=routing
+            )
         elif self.controller is not None:
-            self.controller.record()
+            self.controller.record(on_forward=routing)
         mask = batch["mask"][rows]
         tokens = self._global_sum(mask.sum())
         self.optimizer.zero_grad(set_to_none=True)
         logp_all, ratio_all = [], []
         micro_rows = self._train_micro_batches(rows)
         micro_batches = [self._micro_batch(m, batch, sample_ids) for m in micro_rows]
-        rollout = [self._rollout_routes(table, m) for m in micro_batches]
-        for mrows, micro_batch, (rollout_route, rollout_plain) in zip(
-            micro_rows, micro_batches, rollout
-        ):
+        for mrows, micro_batch in zip(micro_rows, micro_batches):
+            # The rollout's routes of this micro-batch only (targets and metrics share them).
+            rollout_route, rollout_plain = self._rollout_routes(table, micro_batch)
+            if routing is not None:
+                routing.expect(self._token_rows(batch["mask"][mrows]), rollout_route, rollout_plain)
             if mode != "none":
                 targets = rollout_route
                 if replay_table is not table:  # r2: the routes of the old-log-prob pass
@@ -503,15 +511,15 @@ class Trainer:
             (loss / tokens * self.dp_size).backward()
             logp_all.append(logp.detach())
             ratio_all.append(ratio.detach())
-        if mode != "none":
+        if self.controller is not None:
             self.controller.finish()
         average_gradients(self.model)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
 
         record = {"event": "mini_step", "step": step, "mini_step": mini_step, "mode": mode}
-        if self.controller is not None:
-            record.update(self._routing_metrics(micro_rows, batch, rollout))
+        if routing is not None:
+            record.update(routing.summary(self._routing_groups()))
         record.update(
             self._logprob_metrics(
                 torch.cat(logp_all),
@@ -529,39 +537,12 @@ class Trainer:
                     record[key] = self._dp_mean(value)
         return record
 
-    def _routing_metrics(self, micro_rows, batch, rollout) -> dict:
-        """Agreement on the response tokens of this mini-step's forwards (``[S, B]`` rows).
-
-        ``routing/``: the route the tokens were sampled and trained with (none: the rollout's;
-        else the replayed one) against the live router, the plain-replay route beside it;
-        ``rollout_vs_train/``: the rollout's route against the one trained with.
-        """
-        from pr2_megatron.metrics import routing_agreement
-
+    def _routing_groups(self) -> list:
+        """Groups the routing agreement is summed over: DP, and TP under sequence parallelism."""
         groups = [self.ps.get_data_parallel_group()]
         if self.cfg.parallel.sequence_parallel and self.tp_size > 1:
             groups.append(self.ps.get_tensor_model_parallel_group())
-        used = self.controller.forward_routes()
-        rows = [self._token_rows(batch["mask"][m]) for m in micro_rows]
-        sampled_with = [
-            {
-                "replayed": route if self.cfg.replay.mode == "none" else forward["replayed"],
-                "live": forward["live"],
-                "plain": plain,
-            }
-            for forward, (route, plain) in zip(used, rollout)
-        ]
-        trained_with = [
-            {"replayed": route, "live": forward["replayed"]}
-            for forward, (route, _) in zip(used, rollout)
-        ]
-        layers = self.controller.layer_numbers
-        agreement = routing_agreement(sampled_with, layers, rows_per_forward=rows, groups=groups)
-        consistency = routing_agreement(trained_with, layers, rows_per_forward=rows, groups=groups)
-        return {
-            **_prefixed("routing/", agreement.summary()),
-            **_prefixed("rollout_vs_train/", consistency.summary()),
-        }
+        return groups
 
     def _token_rows(self, mask_BS: torch.Tensor) -> torch.Tensor:
         """Indices of response tokens among the forward's rows (``[S, B]`` order, SP chunk)."""
@@ -638,6 +619,65 @@ class Trainer:
             (Path(ckpt.dir) / STOPPED_BY_SIGNAL).unlink(missing_ok=True)
         self.log.close()
         return 0
+
+
+class _MiniStepRouting:
+    """Routing agreement of a mini-step's forwards, reduced forward by forward.
+
+    Before each forward the trainer queues (:meth:`expect`) the forward's response-token rows
+    (``[S, B]`` order, SP chunk) and its rollout routes; the controller calls this object with
+    the forward's routes as soon as the forward has run (``on_forward``), they are added to two
+    accumulators and dropped with the rollout routes: one forward's routes are held at a time.
+
+    ``routing/``: the route the tokens were sampled and trained with (live routing: the
+    rollout's; else the replayed one) against the live router, the plain-replay route beside
+    it; ``rollout_vs_train/``: the rollout's route against the one trained with.
+    """
+
+    def __init__(self, layer_numbers: list[int], live_routing: bool) -> None:
+        from pr2_megatron.metrics import RoutingAgreement
+
+        self.layers = list(layer_numbers)
+        self.live_routing = live_routing
+        self.sampled_with = RoutingAgreement(self.layers)
+        self.trained_with = RoutingAgreement(self.layers)
+        self._expected: collections.deque = collections.deque()
+
+    def expect(self, rows, route_TLK, plain_TLK) -> None:
+        """The next forward's token rows and rollout routes ``[T, L, K]`` (plain: or None)."""
+        self._expected.append((rows, route_TLK, plain_TLK))
+
+    def __call__(self, forward: dict) -> None:
+        """Add one forward's routes (``RoutingController`` ``on_forward``)."""
+        from pr2_megatron.errors import RouteError
+
+        if not self._expected:
+            raise RouteError("a training forward ran that the trainer did not queue metrics for")
+        rows, route, plain = self._expected.popleft()
+        device = forward["live"].device
+        route = route.to(device)
+        plain = None if plain is None else plain.to(device)
+        sampled = route if self.live_routing else forward["replayed"]
+        self.sampled_with.add_forward(
+            {"replayed": sampled, "live": forward["live"], "plain": plain}, self.layers, rows
+        )
+        self.trained_with.add_forward(
+            {"replayed": route, "live": forward["replayed"]}, self.layers, rows
+        )
+
+    def summary(self, groups) -> dict:
+        """All-reduce over each of ``groups`` in turn and return the prefixed metrics."""
+        from pr2_megatron.errors import RouteError
+
+        if self._expected:
+            raise RouteError(f"{len(self._expected)} training forward(s) never reported routes")
+        for group in groups:
+            self.sampled_with.reduce_(group)
+            self.trained_with.reduce_(group)
+        return {
+            **_prefixed("routing/", self.sampled_with.summary()),
+            **_prefixed("rollout_vs_train/", self.trained_with.summary()),
+        }
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:

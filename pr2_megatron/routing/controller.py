@@ -19,20 +19,29 @@ and targets for any layout come from :class:`pr2_megatron.routes.RoutePath`, bui
     controller.finish()                         # every target consumed, or RouteError
     metrics = controller.metrics(group=data_parallel_group)
 
+Metrics need each forward's replayed and live routes. By default they are held until the pass
+ends (``forward_routes()``); ``replay(collect_metrics=True, on_forward=fn)`` streams them
+instead: each forward's routes go to ``fn`` once every MoE layer of the rank has routed it,
+are added to the pass's agreement sums and released, so at most the forwards in flight are
+held (``held_record_bytes()``), under Megatron's schedules too.
+
 The routers are found by walking the given modules (no process-global registry), so a model
 built twice in one process cannot leave stale routers behind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import torch
 
 from pr2_megatron.errors import RouteError
-from pr2_megatron.metrics.agreement import routing_agreement
+from pr2_megatron.metrics.agreement import RoutingAgreement
 from pr2_megatron.routing.router import PR2Router, RoutingPhase
+
+#: One forward's routes, ``[T, L, K]`` each: ``replayed``, ``live`` and ``plain`` (or None).
+ForwardRoutes = dict[str, Optional[torch.Tensor]]
 
 
 class RoutingController:
@@ -73,6 +82,8 @@ class RoutingController:
         self.phase = RoutingPhase.OFF
         self.trains_predictor = False
         self.collects_metrics = False
+        self._on_forward: Optional[Callable[[ForwardRoutes], None]] = None
+        self._reset_pass_sums()
 
     @property
     def layer_numbers(self) -> list[int]:
@@ -107,33 +118,79 @@ class RoutingController:
 
     # ----------------------------------------------------------------------------- phases
     def set_phase(
-        self, phase: RoutingPhase, *, train_predictor: bool = False, collect_metrics: bool = False
+        self,
+        phase: RoutingPhase,
+        *,
+        train_predictor: bool = False,
+        collect_metrics: bool = False,
+        on_forward: Optional[Callable[[ForwardRoutes], None]] = None,
     ) -> None:
-        """Start a pass in ``phase`` on every router (drops the previous pass's records)."""
-        self.phase = RoutingPhase(phase)
+        """Start a pass in ``phase`` on every router (drops the previous pass's records).
+
+        ``on_forward`` (record, or replay with ``collect_metrics``) streams the pass's routes:
+        see :meth:`replay`.
+        """
+        phase = RoutingPhase(phase)
+        if on_forward is not None and not (
+            phase == RoutingPhase.RECORD or (phase == RoutingPhase.REPLAY and collect_metrics)
+        ):
+            raise ValueError(
+                f"on_forward streams recorded routes: it needs the record phase or the replay "
+                f"phase with collect_metrics=True, not {phase.value!r} with "
+                f"collect_metrics={collect_metrics}"
+            )
+        self.phase = phase
         self.trains_predictor = train_predictor
         self.collects_metrics = collect_metrics
+        self._on_forward = on_forward
+        self._reset_pass_sums()
+        hook = None if on_forward is None else self._forward_recorded
         for router in self.routers:
             router.set_phase(
                 self.phase, train_predictor=train_predictor, collect_metrics=collect_metrics
             )
+            router.on_forward_recorded = hook
 
     def off(self) -> None:
         """Live top-k, nothing recorded."""
         self.set_phase(RoutingPhase.OFF)
 
-    def record(self) -> None:
-        """Live top-k, recorded (r2: the old-log-prob pass at θ_old; r3: the rollout)."""
-        self.set_phase(RoutingPhase.RECORD)
+    def record(self, *, on_forward: Optional[Callable[[ForwardRoutes], None]] = None) -> None:
+        """Live top-k, recorded (r2: the old-log-prob pass at θ_old; r3: the rollout).
+
+        With ``on_forward`` each forward's route goes to it (as ``replayed`` and ``live``) and
+        is released instead of being kept for :meth:`collect_routes`.
+        """
+        self.set_phase(RoutingPhase.RECORD, on_forward=on_forward)
 
     def predict(self, collect_metrics: bool = False) -> None:
         """PR2 rollout: predicted routes, recorded with the plain-replay ones; features cached."""
         self.set_phase(RoutingPhase.PREDICT, collect_metrics=collect_metrics)
 
-    def replay(self, *, train_predictor: bool = False, collect_metrics: bool = False) -> None:
-        """Replay targets given with :meth:`set_targets`; optionally train the predictors."""
+    def replay(
+        self,
+        *,
+        train_predictor: bool = False,
+        collect_metrics: bool = False,
+        on_forward: Optional[Callable[[ForwardRoutes], None]] = None,
+    ) -> None:
+        """Replay targets given with :meth:`set_targets`; optionally train the predictors.
+
+        ``collect_metrics`` records each forward's replayed route, the live top-k and the
+        plain-replay route, in the route table's smallest dtype. Without ``on_forward`` they are
+        held until the pass ends (:meth:`forward_routes`, :meth:`release_forward_records`).
+        With ``on_forward(routes)`` (needs ``collect_metrics``), each forward's routes (as
+        :meth:`forward_routes` gives them) are handed to it as soon as every MoE layer of this
+        rank has routed that forward -- from inside the forward of its last layer, under any
+        schedule -- then added to the pass's agreement sums (:meth:`metrics`) and released: the
+        caller selects rows or compares with its own reference there, and memory stays bounded
+        by the forwards in flight. :meth:`forward_routes` is then unavailable.
+        """
         self.set_phase(
-            RoutingPhase.REPLAY, train_predictor=train_predictor, collect_metrics=collect_metrics
+            RoutingPhase.REPLAY,
+            train_predictor=train_predictor,
+            collect_metrics=collect_metrics,
+            on_forward=on_forward,
         )
 
     # ----------------------------------------------------------------------------- routes
@@ -171,31 +228,97 @@ class RoutingController:
         for router in self.routers:
             router.push_token_keys(keys_T, groups_T)
 
-    def forward_routes(self) -> list[dict[str, torch.Tensor]]:
-        """Per forward of this pass: ``replayed`` (dispatched) and ``live`` (top-k) ``[T, L, K]``.
+    def forward_routes(self) -> list[ForwardRoutes]:
+        """Per forward held: ``replayed`` (dispatched) and ``live`` (top-k) ``[T, L, K]``.
 
         ``record``: both are the live top-k. ``replay`` with ``collect_metrics``: the replayed
-        route, the live router's own top-k at that moment, and ``plain`` (the plain-replay
-        route) where it was given with the targets.
+        route, the live router's own top-k at that moment (both in the route table's smallest
+        dtype), and ``plain`` (the plain-replay route) where it was given with the targets.
+        Forwards released with :meth:`release_forward_records` are not included; a pass that
+        streams its routes (``on_forward``) holds none and raises RuntimeError.
         """
-        if self.phase == RoutingPhase.RECORD:
-            return [{"replayed": r, "live": r} for r in self.collect_routes()]
-        if self.phase != RoutingPhase.REPLAY:
-            raise RouteError(
-                f"forward_routes needs the record or replay phase, not {self.phase.value}"
+        self._require_held_routes("forward_routes")
+        return [self._stack_forward(i) for i in range(self._num_forwards())]
+
+    def release_forward_records(self) -> int:
+        """Add the held forwards to the pass's agreement sums and drop their routes.
+
+        For callers that read :meth:`forward_routes` after each forward (or group of forwards):
+        :meth:`metrics` still covers the whole pass, while the records held stay bounded.
+        Returns the number of forwards released.
+        """
+        self._require_held_routes("release_forward_records")
+        released = self._num_forwards()
+        for _ in range(released):
+            self._fold(self._pop_forward())
+        return released
+
+    def held_record_bytes(self) -> int:
+        """Bytes of the per-forward route records the routers hold right now.
+
+        Recorded routes (record / predict), plain-replay routes (predict) and replay metric
+        records, each tensor counted by its own elements (a view as its size, not its base's).
+        """
+        total = 0
+        for router in self.routers:
+            tensors = [*router.recorded, *router.recorded_plain]
+            for record in router.metric_records:
+                tensors += [t for t in record.values() if isinstance(t, torch.Tensor)]
+            total += sum(t.nbytes for t in tensors)
+        return total
+
+    # ------------------------------------------------------------------ per-forward records
+    def _require_held_routes(self, what: str) -> None:
+        if self.phase == RoutingPhase.REPLAY:
+            self._require_metrics(what)
+        elif self.phase != RoutingPhase.RECORD:
+            raise RouteError(f"{what} needs the record or replay phase, not {self.phase.value}")
+        if self._on_forward is not None:
+            raise RuntimeError(
+                f"{what}: this {self.phase.value} pass streams its routes to on_forward and "
+                "holds none"
             )
-        self._require_metrics("forward_routes")
-        out = []
-        for i in range(self._num_forwards()):
-            records = [r.metric_records[i] for r in self.routers]
-            forward = {
-                key: torch.stack([rec[key] for rec in records], dim=1)
-                for key in ("replayed", "live")
-            }
-            plains = [rec["plain"] for rec in records]
-            forward["plain"] = None if plains[0] is None else torch.stack(plains, dim=1)
-            out.append(forward)
-        return out
+
+    def _records_of(self, router: PR2Router) -> list:
+        """The router's per-forward records of this pass's phase."""
+        return router.recorded if self.phase == RoutingPhase.RECORD else router.metric_records
+
+    def _stack_forward(self, index: int) -> ForwardRoutes:
+        """Forward ``index`` of the held records, every layer stacked: ``[T, L, K]``."""
+        records = [self._records_of(r)[index] for r in self.routers]
+        if self.phase == RoutingPhase.RECORD:
+            routes_TLK = torch.stack(records, dim=1)
+            return {"replayed": routes_TLK, "live": routes_TLK}
+        forward = {
+            key: torch.stack([rec[key] for rec in records], dim=1) for key in ("replayed", "live")
+        }
+        plains = [rec["plain"] for rec in records]
+        forward["plain"] = None if plains[0] is None else torch.stack(plains, dim=1)
+        return forward
+
+    def _pop_forward(self) -> ForwardRoutes:
+        """The oldest held forward, stacked, and dropped from every router."""
+        forward = self._stack_forward(0)
+        for router in self.routers:
+            del self._records_of(router)[0]
+        return forward
+
+    def _reset_pass_sums(self) -> None:
+        self._pass_agreement = RoutingAgreement(self.layer_numbers)
+        self._released_forwards = 0
+
+    def _fold(self, forward: ForwardRoutes) -> None:
+        """Add a released forward to the pass's sums (replay metrics)."""
+        if self.phase == RoutingPhase.REPLAY:
+            self._pass_agreement.add_forward(forward, self.layer_numbers)
+        self._released_forwards += 1
+
+    def _forward_recorded(self, router: PR2Router) -> None:
+        """Router hook (streaming passes): hand over and release every complete forward."""
+        while all(self._records_of(r) for r in self.routers):
+            forward = self._pop_forward()
+            self._fold(forward)
+            self._on_forward(forward)
 
     def validate_routes(self, routes_TLK: torch.Tensor, what: str = "routes") -> None:
         """Shape, id range and k distinct experts per row; errors name the layer and the row.
@@ -272,6 +395,15 @@ class RoutingController:
                 "has other routers than the controller knows): "
                 + ", ".join(f"MoE layer {n}: {c} target(s)" for n, c in leftovers.items())
             )
+        if self._on_forward is not None:
+            partial = {r.layer_number: len(self._records_of(r)) for r in self.routers}
+            partial = {n: c for n, c in partial.items() if c}
+            if partial:
+                raise RouteError(
+                    "forwards routed by some MoE layers of this rank only (their routes never "
+                    "reached on_forward): "
+                    + ", ".join(f"MoE layer {n}: {c} forward(s)" for n, c in partial.items())
+                )
 
     # ---------------------------------------------------------------------------- metrics
     def _require_metrics(self, what: str) -> None:
@@ -282,9 +414,15 @@ class RoutingController:
             )
 
     def _num_forwards(self) -> int:
-        counts = {len(r.metric_records) for r in self.routers}
+        """Forwards held by every router (the record lists of this pass's phase)."""
+        counts = {len(self._records_of(r)) for r in self.routers}
         if len(counts) > 1:
-            raise RouteError(f"MoE layers recorded metrics of different forwards: {counts}")
+            raise RouteError(
+                "MoE layers recorded different numbers of forwards: "
+                + ", ".join(
+                    f"layer {r.layer_number}: {len(self._records_of(r))}" for r in self.routers
+                )
+            )
         return counts.pop() if counts else 0
 
     def metrics(self, group: Optional[torch.distributed.ProcessGroup] = None) -> dict[str, float]:
@@ -301,10 +439,9 @@ class RoutingController:
         if self.phase == RoutingPhase.REPLAY and (self.collects_metrics or self.trains_predictor):
             if self.collects_metrics:
                 self._require_forwards()
-                groups = [group] if group is not None else []
-                agreement = routing_agreement(
-                    self.forward_routes(), self.layer_numbers, groups=groups
-                )
+                agreement = self._agreement_of_pass()
+                if group is not None:
+                    agreement.reduce_(group)
                 out.update(agreement.summary())
             if self.trains_predictor:
                 out.update(self._predictor_losses())
@@ -324,8 +461,21 @@ class RoutingController:
         return out
 
     def _require_forwards(self) -> None:
-        if self.routers and self._num_forwards() == 0:
+        held = 0 if self._on_forward is not None else self._num_forwards()
+        if self.routers and held + self._released_forwards == 0:
             raise RuntimeError(f"metrics(): no forward ran in this {self.phase.value} pass")
+
+    def _agreement_of_pass(self) -> RoutingAgreement:
+        """Agreement of every forward of the pass: released forwards' sums plus held forwards.
+
+        The same sums, added in the same order, as one accumulator over all forwards.
+        """
+        layers = self.layer_numbers
+        agreement = RoutingAgreement.from_tensor(self._pass_agreement.as_tensor(), layers)
+        if self._on_forward is None:
+            for index in range(self._num_forwards()):
+                agreement.add_forward(self._stack_forward(index), layers)
+        return agreement
 
     def _predictor_losses(self) -> dict[str, float]:
         losses = [loss for r in self.routers for loss in r.predictor_losses]

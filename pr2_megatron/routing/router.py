@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
@@ -38,6 +39,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from pr2_megatron.errors import RouteError
+from pr2_megatron.routes.table import route_dtype
 from pr2_megatron.routing.compat import require_router_seam
 from pr2_megatron.routing.feature_cache import FeatureCache
 from pr2_megatron.routing.predictor import (
@@ -70,6 +72,10 @@ class PR2RouterConfig:
     feature_cache_tokens: int = 2048
     #: Seed of the cache's uniform token sampling (offset by the layer number).
     cache_seed: int = 1234
+    #: At most this many tokens cached per MoE layer on a rank over all responses (None: no
+    #: cap): the smallest sampling priorities of all responses' candidates, a uniform sample.
+    #: Host memory per rank <= this × MoE layers × (2H + 4E) bytes (about 1.5x while filling).
+    feature_cache_max_total_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.loss not in PREDICTOR_LOSSES:
@@ -80,6 +86,9 @@ class PR2RouterConfig:
             raise ValueError(
                 f"pr2.feature_cache_tokens must be >= 1, got {self.feature_cache_tokens}"
             )
+        cap = self.feature_cache_max_total_tokens
+        if cap is not None and cap < 1:
+            raise ValueError(f"pr2.feature_cache_max_total_tokens must be >= 1 or None, got {cap}")
 
 
 class _ExpertSelector:
@@ -135,6 +144,9 @@ class PR2Router(TopKRouter):
         self.recorded: list[torch.Tensor] = []
         self.recorded_plain: list[torch.Tensor] = []
         self.metric_records: list[dict[str, torch.Tensor]] = []
+        #: Called with this router after each forward that recorded (not from recompute); the
+        #: controller streams records with it (``RoutingController.replay(on_forward=...)``).
+        self.on_forward_recorded: Optional[Callable[[PR2Router], None]] = None
         self.predictor_losses: list[float] = []
         self._token_counter = 0
         self._group_counter = 0
@@ -145,7 +157,9 @@ class PR2Router(TopKRouter):
         """Megatron tells each router its global (1-based) layer number."""
         super().set_layer_number(layer_number)
         self.feature_cache = FeatureCache(
-            self.pr2_config.feature_cache_tokens, self.pr2_config.cache_seed + layer_number
+            self.pr2_config.feature_cache_tokens,
+            self.pr2_config.cache_seed + layer_number,
+            self.pr2_config.feature_cache_max_total_tokens,
         )
 
     def set_phase(
@@ -247,11 +261,11 @@ class PR2Router(TopKRouter):
         if self.phase == RoutingPhase.REPLAY:
             if self.collect_metrics:
                 live_TK = self._topk_indices(logits_TE.detach())
-                self.metric_records.append(
-                    {"replayed": chosen_TK, "live": live_TK, "plain": plain_TK}
-                )
+                self.metric_records.append(self._route_record(chosen_TK, live_TK, plain_TK))
             if self.train_predictor:
                 probs_TE = self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
+        if self.on_forward_recorded is not None:
+            self.on_forward_recorded(self)
         return probs_TE, routing_map_TE
 
     # ------------------------------------------------------------------------------ helpers
@@ -268,6 +282,21 @@ class PR2Router(TopKRouter):
         chosen_TK = self._selector.chosen_TK
         self._selector.target_TK = self._selector.chosen_TK = None
         return probs_TE, routing_map_TE, chosen_TK
+
+    def _route_record(self, replayed_TK, live_TK, plain_TK) -> dict[str, Optional[torch.Tensor]]:
+        """A replay forward's routes for metrics, in the route table's smallest dtype.
+
+        uint8 up to 256 route ids (``route_id_bound``: E, or E + K for ProbMoE dynamic-k), all
+        on the routes' device; ids are unchanged, so agreement numbers are too.
+        """
+        dtype = route_dtype(getattr(self, "route_id_bound", self.num_experts))
+        device = replayed_TK.device
+        plain = None if plain_TK is None else plain_TK.to(device, dtype, non_blocking=True)
+        return {
+            "replayed": replayed_TK.detach().to(dtype),
+            "live": live_TK.to(dtype),
+            "plain": plain,
+        }
 
     def _topk_indices(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Experts Megatron's routing would pick for these logits (score fn, bias, groups)."""
