@@ -41,9 +41,18 @@ NUM_SAMPLES, SEQ, LAYERS, K = 4, 8, 2, 2
 
 @pytest.fixture
 def clean_replay_registry():
+    """An empty RouterReplay list, and Megatron's aux-loss scale unset (process-global state).
+
+    Megatron's schedules copy a [1] scale into ``MoEAuxLossAutoScaler.main_loss_backward_scale``;
+    a backward outside the schedules leaves a 0-d one there, and the next schedule's copy fails.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     RouterReplay.clear_global_router_replay_instances()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     yield
     RouterReplay.clear_global_router_replay_instances()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def _setup(recompute=None, experts=4):
