@@ -268,7 +268,8 @@ def _data_parallel_gather(routes_SBPLX, ids_B, lengths_B, data_group):
     else:
         gathered = buffer.unsqueeze(0)
     meta_bytes = meta.numel() * meta.element_size()
-    meta_R = gathered[:, :meta_bytes].contiguous().view(torch.long).view(size, -1, 2)
+    # A fresh 1-D copy: a [1, n] slice keeps the row stride, which view(long) rejects.
+    meta_R = gathered[:, :meta_bytes].reshape(-1).clone().view(torch.long).view(size, -1, 2)
     routes = gathered[:, meta_bytes:].reshape(size, *routes_SBPLX.shape)
     return routes, meta_R[:, :, 0], meta_R[:, :, 1]
 
