@@ -471,3 +471,37 @@ def test_fingerprint_tells_routes_apart():
         changed[row] = changed[row].flip(0)  # same experts, other slot order
         assert not torch.equal(route_fingerprint(changed), route_fingerprint(route))
     assert not torch.equal(route_fingerprint(route[:32]), route_fingerprint(route[32:]))
+
+
+# ------------------------------------------- Megatron 0.19's inference-engine bookkeeping
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["recorded-data", "static-buffer"])
+def test_inference_engine_routing_metadata_gets_the_predicted_routes(cuda_graph):
+    """The dynamic engine itself needs CUDA and flash-attn; its route bookkeeping runs here."""
+    routing_metadata = pytest.importorskip(
+        "megatron.core.inference.contexts.routing_metadata",
+        reason="RoutingMetadata is new in megatron-core 0.19",
+    )
+    model = _build(None)
+    ids, _ = _data()
+    reference = _predicted_and_live_routes(model, [[0, 1]])["predict"][0]
+
+    class Context:  # the three things RoutingMetadata reads from a DynamicInferenceContext
+        max_tokens = 64
+        active_token_count = SEQ * 2
+
+        def using_cuda_graph_this_step(self):
+            return cuda_graph
+
+    metadata = routing_metadata.RoutingMetadata(Context(), K)
+    if cuda_graph:
+        metadata.enable_static_buffer_recording()
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    model.eval()
+    with torch.no_grad():
+        model(ids[[0, 1]], torch.arange(SEQ).expand(2, SEQ), None)
+    got = metadata.get_routing_indices()
+    assert got is not None and torch.equal(got.long(), reference.long())
+    RouterReplay.clear_global_router_replay_action()
+    assert not torch.equal(reference, _predicted_and_live_routes(model, [[0, 1]])["record"][0])
+    if cuda_graph:
+        metadata.disable_static_buffer_recording()
