@@ -192,3 +192,34 @@ def test_a_recompute_without_the_route_of_its_forward_is_an_error():
     store.file(torch.zeros(4, 2, dtype=torch.long))  # forward #n
     with pytest.raises(RouteError, match="MoE layer 3: activation recompute of forward #"):
         store.take(num_tokens=4)  # the counter moved on: #n+1 was never filed
+
+
+@pytest.mark.parametrize("kind", sorted(RECOMPUTE))
+def test_predictor_loss_reaches_backward_under_recompute(kind):
+    """The checkpointed forward runs without a graph: the loss is attached in its recompute."""
+    from pr2_megatron.testing.moe import randomize_predictors
+
+    plain, recomputed = _model_pair(kind)
+    randomize_predictors(plain, scale=1.0, seed=3)
+    randomize_predictors(recomputed, scale=1.0, seed=3)
+    batches, routes = _micro_batches()
+    grads = []
+    for model in (plain, recomputed):
+        ctl = RoutingController(model)
+        ctl.predict()
+        with torch.no_grad():
+            for ids, _ in batches:
+                model(ids, torch.arange(8).expand_as(ids), None)
+        ctl.replay(train_predictor=True)
+        for route in routes:
+            ctl.set_targets(route)
+        losses = [_loss(model, ids, labels) for ids, labels in batches]
+        (losses[0] + losses[1]).backward()
+        ctl.finish()
+        grads.append({n: p.grad for n, p in global_parameters(model).items() if "predictor" in n})
+        assert ctl.metrics()["predictor/loss"] > 0
+    reference, got = grads
+    assert reference and all(g is not None and g.abs().sum() > 0 for g in reference.values())
+    for name in reference:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -35,6 +35,16 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
     )
     if model.multi_latent_attention:
         _check_mla_buildable()
+        if model.q_lora_rank is None and model.qk_norm == "head" and not use_te:
+            features = megatron_features()
+            if features.mla_full_rank_q_fuses_q_norm:
+                raise RuntimeError(
+                    f"megatron-core {features.version} builds a full-rank-query MLA "
+                    "(q_lora_rank=None, Moonlight) with qk_norm as a query norm fused into "
+                    "linear_q_proj, a fused norm+linear only Transformer Engine provides: "
+                    "without TE use model.qk_norm='none' or megatron-core 0.16.1 (which builds "
+                    "no query norm there)"
+                )
     layers = []
     for layer in block_spec.layer_specs:
         attention = layer.submodules.self_attention

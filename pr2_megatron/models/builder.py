@@ -138,6 +138,9 @@ def build_gpt_moe(
     from pr2_megatron.routing.specs import pr2_decoder_block_spec
 
     config = transformer_config(model, parallel)
+    if pr2 is not None and pr2.megatron_router_replay:
+        # Protocol mode: Megatron's switch on, so that stacks drive the PR2 routers through it.
+        config.moe_enable_routing_replay = True
     router_builder = TopKRouter if router == "topk" else None
     if router == "probmoe":
         from pr2_megatron.routing.probmoe.router import probmoe_router_builder

@@ -5,12 +5,14 @@
   layout, name tokens for the predictor's feature cache;
 * :class:`RouteTable` (``table``): a rollout batch's routes packed per token, smallest dtype;
 * ``files``: safetensors files with a SHA-256; ``engine``: vLLM / SGLang ``routed_experts``;
-* ``gather``: the collectives (one per micro-batch); ``targets``: table -> a forward's targets.
+* ``gather``: the collectives (one per micro-batch); ``targets``: table -> a forward's targets;
+* ``packed``: packed (THD) micro-batches -- per-sequence CP split, alignment padding.
 """
 
 from pr2_megatron.routes.engine import from_engine_routed_experts
 from pr2_megatron.routes.files import load_route_table, save_route_table
 from pr2_megatron.routes.gather import gather_route_table
+from pr2_megatron.routes.packed import PackedMicroBatch, thd_partitioned_indices
 from pr2_megatron.routes.path import KEY_STRIDE, MicroBatch, RouteGroups, RoutePath, token_keys
 from pr2_megatron.routes.table import RouteTable, route_dtype
 from pr2_megatron.routes.targets import context_parallel_positions, micro_batch_targets
@@ -18,6 +20,7 @@ from pr2_megatron.routes.targets import context_parallel_positions, micro_batch_
 __all__ = [
     "KEY_STRIDE",
     "MicroBatch",
+    "PackedMicroBatch",
     "RouteGroups",
     "RoutePath",
     "RouteTable",
@@ -28,5 +31,6 @@ __all__ = [
     "micro_batch_targets",
     "route_dtype",
     "save_route_table",
+    "thd_partitioned_indices",
     "token_keys",
 ]

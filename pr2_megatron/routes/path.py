@@ -27,8 +27,10 @@ targets before calling the schedule: each layer consumes them in micro-batch ord
 What the path handles for the caller: sequence parallelism (a TP rank routes ``S/TP`` tokens),
 context parallelism (Megatron's load-balanced split), pipeline stages (each routes its own
 layers; a stage without MoE layers joins every collective), data parallelism and expert
-parallelism (the table holds every rank's samples), right-padded micro-batches (only real
-tokens enter the table; padding gets spread-out routes), and the tokens' names for the
+parallelism (the table holds every rank's samples), right-padded micro-batches
+(:class:`MicroBatch`) and packed THD micro-batches (:class:`~pr2_megatron.routes.packed.
+PackedMicroBatch`, per-sequence CP split and alignment padding) -- only real tokens enter the
+table, padding gets spread-out routes -- and the tokens' names for the
 predictor's feature cache, so that a reordered mini-step trains the predictor on the right
 tokens.
 """
@@ -44,10 +46,16 @@ import torch.distributed as dist
 
 from pr2_megatron.errors import RouteError
 from pr2_megatron.routes.gather import gather_route_table
+from pr2_megatron.routes.packed import (
+    PackedMicroBatch,
+    gather_packed_route_table,
+    packed_targets,
+    packed_token_keys,
+)
 from pr2_megatron.routes.table import RouteTable
 from pr2_megatron.routes.targets import context_parallel_positions, micro_batch_targets
 
-__all__ = ["KEY_STRIDE", "MicroBatch", "RouteGroups", "RoutePath", "token_keys"]
+__all__ = ["KEY_STRIDE", "MicroBatch", "PackedMicroBatch", "RouteGroups", "RoutePath", "token_keys"]
 
 #: Token key = ``sample_id * KEY_STRIDE + position``: the same token has the same key in every
 #: layout (rollout generation steps, training micro-batches of any size and order).
@@ -143,17 +151,33 @@ class RouteGroups:
 
 
 def token_keys(
-    batch: MicroBatch,
+    batch: MicroBatch | PackedMicroBatch,
     groups: RouteGroups,
     captured_SB: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature-cache names ``(keys_T, groups_T)`` of this rank's tokens of a forward.
+
+    A :class:`PackedMicroBatch` names its rows in the rank's stream order (alignment padding:
+    key -1; ``captured_SB`` is for right-padded batches only).
 
     Key ``sample_id * KEY_STRIDE + position``, group the sample id (the cache keeps at most T_c
     tokens per response); rows in the ``[S, B]`` order of the rank's CP part and SP chunk.
     Padding positions, and those where ``captured_SB`` (``[S, B]`` bool) is False, get key -1:
     the cache skips them (e.g. positions an earlier generation step already offered).
     """
+    if isinstance(batch, PackedMicroBatch):
+        if captured_SB is not None:
+            raise RouteError("captured_SB applies to right-padded [S, B] micro-batches only")
+        tp_rank, tp_size = groups.tp_rank_size
+        cp_rank, cp_size = groups.cp_rank_size
+        return packed_token_keys(
+            batch,
+            key_stride=KEY_STRIDE,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            cp_rank=cp_rank,
+            cp_size=cp_size,
+        )
     ids_B = torch.tensor(batch.sample_ids, dtype=torch.long)
     positions_S = torch.arange(batch.seq_len)
     keys_SB = ids_B.unsqueeze(0) * KEY_STRIDE + positions_S.unsqueeze(1)
@@ -204,7 +228,9 @@ class RoutePath:
         return _local_rows(tensor_SB, self.groups)
 
     # --------------------------------------------------------------------------- rollout
-    def name_tokens(self, batch: MicroBatch, captured_SB: Optional[torch.Tensor] = None) -> None:
+    def name_tokens(
+        self, batch: MicroBatch | PackedMicroBatch, captured_SB: Optional[torch.Tensor] = None
+    ) -> None:
         """Queue the feature-cache names of the next forward's tokens (see :func:`token_keys`).
 
         Only when the pass uses them (predict phase, or replay that trains the predictor), so
@@ -216,7 +242,7 @@ class RoutePath:
 
     def gather(
         self,
-        batches: Sequence[MicroBatch],
+        batches: Sequence[MicroBatch | PackedMicroBatch],
         routes: Optional[Sequence[torch.Tensor]] = None,
         plain_routes: Optional[Sequence[torch.Tensor]] = None,
         *,
@@ -226,9 +252,10 @@ class RoutePath:
 
         ``routes[f]`` / ``plain_routes[f]`` are this rank's ``[T, L, K]`` routes of
         ``batches[f]``; by default the routes the controller recorded in this pass, one per
-        forward, and (predict phase) the plain-replay routes beside them. Every rank checks
-        its own real tokens' ids; routes given from elsewhere (``from_routers`` False, the
-        default when ``routes`` is given) are also checked for k distinct ids per row.
+        forward, and (predict phase) the plain-replay routes beside them. The batches are all
+        right-padded (:class:`MicroBatch`) or all packed (:class:`PackedMicroBatch`). Every rank
+        checks its own real tokens' ids; routes given from elsewhere (``from_routers`` False,
+        the default when ``routes`` is given) are also checked for k distinct ids per row.
         """
         ctl = self.controller
         if from_routers is None:
@@ -237,6 +264,23 @@ class RoutePath:
             routes = ctl.collect_routes() if ctl.routers else None
             if plain_routes is None and ctl.phase.value == "predict" and ctl.routers:
                 plain_routes = ctl.collect_plain_routes()
+        packed = [isinstance(b, PackedMicroBatch) for b in batches]
+        if any(packed):
+            if not all(packed):
+                raise RouteError("gather: mix of packed and right-padded micro-batches")
+            return gather_packed_route_table(
+                routes,
+                batches,
+                layer_numbers=ctl.layer_numbers,
+                num_experts=ctl.route_id_bound,
+                topk=ctl.topk,
+                plain_routes_per_forward=plain_routes,
+                data_group=self.groups.data,
+                tp_group=self.groups.tensor,
+                sequence_parallel=self.groups.sequence_parallel,
+                cp_group=self.groups.context,
+                pp_group=self.groups.pipeline,
+            )
         return gather_route_table(
             routes,
             [b.sample_ids for b in batches],
@@ -254,7 +298,9 @@ class RoutePath:
         )
 
     # -------------------------------------------------------------------------- training
-    def targets(self, table: RouteTable, batch: MicroBatch, *, plain: bool = False):
+    def targets(
+        self, table: RouteTable, batch: MicroBatch | PackedMicroBatch, *, plain: bool = False
+    ):
         """The ``[T, L, K]`` (int64) rows of ``table`` for ``batch``'s forward on this rank.
 
         Columns by global layer number (never by position): a table of other MoE layers is an
@@ -262,6 +308,18 @@ class RoutePath:
         """
         tp_rank, tp_size = self.groups.tp_rank_size
         cp_rank, cp_size = self.groups.cp_rank_size
+        if isinstance(batch, PackedMicroBatch):
+            return packed_targets(
+                table,
+                batch,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                cp_rank=cp_rank,
+                cp_size=cp_size,
+                layer_numbers=self.controller.layer_numbers,
+                plain=plain,
+                padding_experts=self.controller.num_experts or None,
+            )
         return micro_batch_targets(
             table,
             batch.sample_ids,
@@ -279,7 +337,7 @@ class RoutePath:
     def set_targets(
         self,
         table: RouteTable,
-        batch: MicroBatch,
+        batch: MicroBatch | PackedMicroBatch,
         *,
         plain_from: Optional[RouteTable] = None,
     ) -> None:

@@ -6,6 +6,7 @@ Everything version-dependent is decided here once, with ``inspect.signature``, i
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,16 @@ class MegatronFeatures:
     #: ``TopKRouter.__init__(..., is_mtp_layer=...)``: newer cores (0.19.2) build every router
     #: with this keyword from ``MoELayer``; 0.16.1 neither passes nor accepts it.
     router_init_has_is_mtp_layer: bool = False
+    #: Newer cores (0.19.2, ``transformer/mla_qk_norm_config.py``) give a full-rank-query MLA
+    #: (``q_lora_rank=None``, Moonlight) with ``qk_layernorm`` a query norm fused into
+    #: ``linear_q_proj`` -- a fused norm+linear that only Transformer Engine provides; 0.16.1
+    #: builds no query norm there.
+    mla_full_rank_q_fuses_q_norm: bool = False
+    #: The dropless token dispatchers of newer cores (0.17+; measured on 0.19.2) size the
+    #: permuted buffer as ``tokens · topk`` and fail (``split_with_sizes``) when a token has
+    #: fewer experts, so variable-size routes (ProbMoE dynamic-k) cannot be dispatched there;
+    #: 0.16.1 sizes it from the routing map.
+    dispatcher_needs_topk_per_token: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -50,7 +61,21 @@ def megatron_features() -> MegatronFeatures:
         has_is_checkpointing=callable(getattr(mcore_random, "is_checkpointing", None)),
         have_te=_have_transformer_engine(),
         router_init_has_is_mtp_layer="is_mtp_layer" in router_init_params,
+        dispatcher_needs_topk_per_token=_version_at_least(package_info.__version__, (0, 17)),
+        mla_full_rank_q_fuses_q_norm=importlib.util.find_spec(
+            "megatron.core.transformer.mla_qk_norm_config"
+        )
+        is not None,
     )
+
+
+def _version_at_least(version: str, minimum: tuple[int, int]) -> bool:
+    """Whether ``major.minor`` of ``version`` is at least ``minimum`` (for measured changes)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return True  # an unparsable (development) version: assume the newer behaviour
+    return (major, minor) >= minimum
 
 
 def _have_transformer_engine() -> bool:

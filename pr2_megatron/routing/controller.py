@@ -27,12 +27,18 @@ held (``held_record_bytes()``), under Megatron's schedules too.
 
 The routers are found by walking the given modules (no process-global registry), so a model
 built twice in one process cannot leave stale routers behind.
+
+Multi-token-prediction (MTP) layers have PR2 routers too, numbered past the decoder
+(``num_layers + j``, :attr:`PR2Router.route_layer_number`). A model with MTP routers needs a
+choice: ``mtp="exclude"`` keeps them out of the route path (they route live in every phase and
+never expect targets: the engine format, whose ``routed_experts`` cover the decoder layers
+only), ``mtp="include"`` treats them as further MoE layers of the route table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -57,6 +63,7 @@ class RoutingController:
         model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
         *,
         allow_empty: bool = False,
+        mtp: Optional[Literal["exclude", "include"]] = None,
     ) -> None:
         from megatron.core.transformer.moe.router import Router
 
@@ -70,15 +77,30 @@ class RoutingController:
                 "pr2_megatron.routing.pr2_decoder_block_spec (a stock router ignores replay)"
             )
         routers = [m for m in modules if isinstance(m, PR2Router)]
+        if mtp not in (None, "exclude", "include"):
+            raise ValueError(f"mtp must be 'exclude' or 'include', got {mtp!r}")
+        mtp_routers = [r for r in routers if r.is_mtp]
+        if mtp_routers and mtp is None:
+            raise ValueError(
+                f"the model has multi-token-prediction routers (MoE layers "
+                f"{sorted(r.route_layer_number for r in mtp_routers)}, past the decoder's "
+                f"{mtp_routers[0].config.num_layers} layers): pass mtp='exclude' (they route "
+                "live, outside route tables: engine-format routes) or mtp='include' (further "
+                "layers of the route table)"
+            )
+        #: MTP routers kept out of the route path (``mtp="exclude"``): always live top-k.
+        self.excluded_routers: list[PR2Router] = mtp_routers if mtp == "exclude" else []
+        if self.excluded_routers:
+            routers = [r for r in routers if not r.is_mtp]
         if not routers and not allow_empty:
             raise ValueError(
                 "the model has no PR2 router (no MoE layer, or a spec without the PR2 router); "
                 "pass allow_empty=True for a pipeline stage without MoE layers"
             )
-        numbers = [r.layer_number for r in routers]
+        numbers = [r.route_layer_number for r in routers]
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"two PR2 routers share a layer number: {numbers}")
-        self.routers: list[PR2Router] = sorted(routers, key=lambda r: r.layer_number)
+        self.routers: list[PR2Router] = sorted(routers, key=lambda r: r.route_layer_number)
         self.phase = RoutingPhase.OFF
         self.trains_predictor = False
         self.collects_metrics = False
@@ -88,7 +110,7 @@ class RoutingController:
     @property
     def layer_numbers(self) -> list[int]:
         """Global (1-based) layer numbers of this rank's MoE layers, ascending."""
-        return [r.layer_number for r in self.routers]
+        return [r.route_layer_number for r in self.routers]
 
     @property
     def topk(self) -> int:
@@ -150,6 +172,8 @@ class RoutingController:
                 self.phase, train_predictor=train_predictor, collect_metrics=collect_metrics
             )
             router.on_forward_recorded = hook
+        for router in self.excluded_routers:
+            router.set_phase(RoutingPhase.OFF)  # live top-k, nothing recorded or expected
 
     def off(self) -> None:
         """Live top-k, nothing recorded."""
@@ -385,9 +409,9 @@ class RoutingController:
         Also releases the routes kept for activation recomputes that never came (forwards
         without a graph in training mode).
         """
-        for router in self.routers:
+        for router in self.routers + self.excluded_routers:
             router.end_pass()
-        leftovers = {r.layer_number: r.pending_targets() for r in self.routers}
+        leftovers = {r.route_layer_number: r.pending_targets() for r in self.routers}
         leftovers = {n: c for n, c in leftovers.items() if c}
         if leftovers:
             raise RouteError(
@@ -486,7 +510,7 @@ class RoutingController:
             out["predictor/loss"] = sum(losses) / len(losses)
         for router in self.routers:
             values = router.predictor_losses
-            out[f"predictor/loss/layer_{router.layer_number}"] = sum(values) / len(values)
+            out[f"predictor/loss/layer_{router.route_layer_number}"] = sum(values) / len(values)
         return out
 
     # -------------------------------------------------------------------------- optimizer

@@ -77,19 +77,27 @@ class RecomputeRoutes:
 
     def __init__(self, layer_number_of) -> None:
         self._layer_number_of = layer_number_of
-        self._routes_by_number: dict[int, torch.Tensor] = {}
+        self._routes_by_number: dict[int, tuple[torch.Tensor, object]] = {}
 
     def __len__(self) -> int:
         return len(self._routes_by_number)
 
-    def file(self, route_TK: torch.Tensor) -> None:
-        """Keep a forward's route for its recompute (call in the checkpointed forward)."""
-        self._routes_by_number[next_forward_number()] = route_TK
+    def file(self, route_TK: torch.Tensor, payload: object = None) -> None:
+        """Keep a forward's route for its recompute (call in the checkpointed forward).
+
+        ``payload`` travels with the route to the recompute (e.g. the predictor loss to attach
+        there: the checkpointed forward runs without a graph, so a loss attached in it is lost).
+        """
+        self._routes_by_number[next_forward_number()] = (route_TK, payload)
 
     def take(self, num_tokens: int) -> torch.Tensor:
         """The route of the forward this recompute recomputes (call in the recompute)."""
+        return self.take_with_payload(num_tokens)[0]
+
+    def take_with_payload(self, num_tokens: int) -> tuple[torch.Tensor, object]:
+        """``(route, payload)`` of the forward this recompute recomputes."""
         number = next_forward_number()
-        route_TK = self._routes_by_number.pop(number, None)
+        route_TK, payload = self._routes_by_number.pop(number, (None, None))
         if route_TK is None:
             raise RouteError(
                 f"MoE layer {self._layer_number_of()}: activation recompute of forward "
@@ -102,7 +110,7 @@ class RecomputeRoutes:
                 f"MoE layer {self._layer_number_of()}: recompute of forward #{number} routes "
                 f"{num_tokens} tokens, its forward routed {route_TK.shape[0]}"
             )
-        return route_TK
+        return route_TK, payload
 
     def clear(self) -> None:
         """Drop every filed route (a new pass; routes of no-grad forwards are never taken)."""

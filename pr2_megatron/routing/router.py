@@ -16,6 +16,11 @@ sets the phase:
   those experts, recorded together with the live top-k; router features cached;
 * ``replay``: experts from a target set beforehand, gates from the live scores at them.
 
+With ``PR2RouterConfig(megatron_router_replay=True)`` the router also takes part in Megatron's
+``RouterReplay`` protocol (RECORD = predict and record, REPLAY_FORWARD / REPLAY_BACKWARD =
+replay), for stacks that drive it (verl, NeMo-RL, Megatron's inference engine):
+:mod:`pr2_megatron.routing.megatron_replay`.
+
 Whatever the phase, the forward recomputed in backward (Megatron's ``moe`` selective recompute
 or full recompute) reuses the experts of the forward it recomputes, paired by forward number in
 any backward order (:mod:`pr2_megatron.routing.recompute`).
@@ -42,6 +47,13 @@ from pr2_megatron.errors import RouteError
 from pr2_megatron.routes.table import route_dtype
 from pr2_megatron.routing.compat import require_router_seam
 from pr2_megatron.routing.feature_cache import FeatureCache
+from pr2_megatron.routing.megatron_replay import (
+    KEY_STRIDE as RECORD_KEY_STRIDE,
+)
+from pr2_megatron.routing.megatron_replay import (
+    PR2RouterReplay,
+    RouterReplayAction,
+)
 from pr2_megatron.routing.predictor import (
     PREDICTOR_LOSSES,
     EvolutionPredictor,
@@ -76,6 +88,12 @@ class PR2RouterConfig:
     #: cap): the smallest sampling priorities of all responses' candidates, a uniform sample.
     #: Host memory per rank <= this × MoE layers × (2H + 4E) bytes (about 1.5x while filling).
     feature_cache_max_total_tokens: Optional[int] = None
+    #: Take part in Megatron's ``RouterReplay`` protocol (needs Megatron's
+    #: ``moe_enable_routing_replay=True``): stacks that drive it (verl R2/R3, NeMo-RL, Megatron's
+    #: inference engine) get PR2 without changing their code -- RECORD records the predicted
+    #: route, replay forwards replay and train the predictor once the router moved
+    #: (:mod:`pr2_megatron.routing.megatron_replay`). Off: the router never registers there.
+    megatron_router_replay: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in PREDICTOR_LOSSES:
@@ -122,24 +140,40 @@ class PR2Router(TopKRouter):
         is_mtp_layer: bool = False,
     ) -> None:
         features = require_router_seam()
-        _check_config_supports_replay(config)
+        pr2_config = pr2_config or PR2RouterConfig()
+        protocol = pr2_config.megatron_router_replay
+        _check_config_supports_replay(config, megatron_router_replay=protocol)
+        if protocol and type(self)._route is not PR2Router._route:
+            raise ValueError(
+                f"{type(self).__name__} chooses experts itself; megatron_router_replay is "
+                "supported for the PR2 router only"
+            )
         # Newer cores (0.19.2) build routers with is_mtp_layer=...; 0.16.1 has no such argument.
         extra = {"is_mtp_layer": is_mtp_layer} if features.router_init_has_is_mtp_layer else {}
         super().__init__(config=config, pg_collection=pg_collection, **extra)
-        self.pr2_config = pr2_config or PR2RouterConfig()
+        #: Built inside a multi-token-prediction layer (newer cores say so; on 0.16.1 the layer
+        #: number past ``num_layers`` does, see :attr:`is_mtp`).
+        self._built_as_mtp = bool(is_mtp_layer)
+        self.pr2_config = pr2_config
         self.predictor = EvolutionPredictor(
             config.hidden_size, config.num_moe_experts, config.sequence_parallel
         )
         self._selector = _ExpertSelector()
-        # Megatron's routing calls router_replay.get_replay_topk: ours, not a RouterReplay, so
-        # nothing is registered in Megatron's process-global replay registry.
-        self.router_replay = self._selector
+        if protocol:
+            # Protocol mode: our RouterReplay takes the place of the stock one TopKRouter made.
+            stock = self.router_replay
+            self.router_replay = PR2RouterReplay(self)
+            _unregister(stock)
+        else:
+            # Megatron's routing calls router_replay.get_replay_topk: ours, not a RouterReplay,
+            # so nothing is registered in Megatron's process-global replay registry.
+            self.router_replay = self._selector
         self.phase = RoutingPhase.OFF
         self.train_predictor = False
         self.collect_metrics = False
         self._targets: collections.deque[torch.Tensor] = collections.deque()
         self._plain_targets: collections.deque[Optional[torch.Tensor]] = collections.deque()
-        self._recompute_routes = RecomputeRoutes(lambda: self.layer_number)
+        self._recompute_routes = RecomputeRoutes(lambda: self.route_layer_number)
         self._token_keys: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
         self.recorded: list[torch.Tensor] = []
         self.recorded_plain: list[torch.Tensor] = []
@@ -154,13 +188,39 @@ class PR2Router(TopKRouter):
 
     # ----------------------------------------------------------------- control (used by the API)
     def set_layer_number(self, layer_number: int) -> None:
-        """Megatron tells each router its global (1-based) layer number."""
+        """Megatron tells each router its (1-based) layer number."""
         super().set_layer_number(layer_number)
+        if isinstance(self.router_replay, PR2RouterReplay):
+            self.router_replay.layer_number = self.route_layer_number
         self.feature_cache = FeatureCache(
             self.pr2_config.feature_cache_tokens,
             self.pr2_config.cache_seed + layer_number,
             self.pr2_config.feature_cache_max_total_tokens,
         )
+
+    @property
+    def is_mtp(self) -> bool:
+        """Whether this router belongs to a multi-token-prediction (MTP) layer.
+
+        Newer cores (0.19.2) build MTP routers with ``is_mtp_layer=True`` and number them 1, 2,
+        ... within the MTP block; 0.16.1 passes no flag and numbers them past the decoder
+        (``num_layers + 1, ...``).
+        """
+        number = self.layer_number or 0
+        return self._built_as_mtp or number > self.config.num_layers
+
+    @property
+    def route_layer_number(self) -> int:
+        """The layer's number in route tables and errors: global, MTP layers past the decoder.
+
+        Decoder layers: Megatron's global 1-based layer number. MTP layer j (1-based):
+        ``num_layers + j`` on every core (0.19.2 numbers its MTP routers 1, 2, ..., which would
+        collide with the decoder's layers 1, 2, ...).
+        """
+        if self._built_as_mtp and self.layer_number is not None:
+            if self.layer_number <= self.config.num_layers:
+                return self.config.num_layers + self.layer_number
+        return self.layer_number
 
     def set_phase(
         self, phase: RoutingPhase, *, train_predictor: bool = False, collect_metrics: bool = False
@@ -218,18 +278,24 @@ class PR2Router(TopKRouter):
         logits_SBE = self.gating(input)
         hidden_TH = input.reshape(-1, input.shape[-1])
         logits_TE = logits_SBE.reshape(-1, self.num_experts)
+        num_tokens = logits_TE.shape[0]
 
         # Which experts: replayed (target), predicted (z + Δ), or live top-k (None).
         recomputing = self._is_recompute_in_backward()
-        plain_TK = None
+        action = self._megatron_action()
+        plain_TK = delta_TE = None
         if recomputing:
-            target_TK = self._recompute_routes.take(num_tokens=logits_TE.shape[0])
+            target_TK, attach = self._recompute_routes.take_with_payload(num_tokens)
+            if action is not None:
+                self.router_replay.backward_fifo_pop()
+        elif action == RouterReplayAction.RECORD:
+            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
+        elif action is not None:
+            target_TK = self.router_replay.replay_target(num_tokens)
         elif self.phase == RoutingPhase.REPLAY:
-            target_TK, plain_TK = self._pop_target(num_tokens=logits_TE.shape[0])
+            target_TK, plain_TK = self._pop_target(num_tokens=num_tokens)
         elif self.phase == RoutingPhase.PREDICT:
-            with torch.no_grad():
-                delta_TE = self.predictor(hidden_TH)
-                target_TK = self._topk_indices(logits_TE + delta_TE)
+            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
         else:
             target_TK = None
 
@@ -237,10 +303,26 @@ class PR2Router(TopKRouter):
         probs_TE, routing_map_TE, chosen_TK = self._route(logits_SBE, target_TK, padding_mask)
 
         if recomputing:
+            # The predictor loss of a checkpointed forward is attached here, in the recompute
+            # (the checkpointed forward ran without a graph).
+            if attach is not None:
+                probs_TE = attach(probs_TE, hidden_TH, logits_TE)
             return probs_TE, routing_map_TE
+        if action is not None:
+            attach = self._megatron_bookkeeping(action, chosen_TK, hidden_TH, logits_TE)
+        else:
+            attach = self._phase_bookkeeping(chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH)
         if self._will_be_recomputed():
-            self._recompute_routes.file(chosen_TK)
+            self._recompute_routes.file(chosen_TK, attach)
+        elif attach is not None:
+            probs_TE = attach(probs_TE, hidden_TH, logits_TE)
+        if action is None and self.on_forward_recorded is not None:
+            self.on_forward_recorded(self)
+        return probs_TE, routing_map_TE
 
+    def _phase_bookkeeping(self, chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH):
+        """Records, feature cache and metrics of the PR2 phases; the predictor loss to attach."""
+        logits_TE = logits_SBE.reshape(-1, self.num_experts)
         # Token keys pair cached rollout tokens with training tokens.
         needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
         keys_T = groups_T = None
@@ -263,10 +345,44 @@ class PR2Router(TopKRouter):
                 live_TK = self._topk_indices(logits_TE.detach())
                 self.metric_records.append(self._route_record(chosen_TK, live_TK, plain_TK))
             if self.train_predictor:
-                probs_TE = self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
-        if self.on_forward_recorded is not None:
-            self.on_forward_recorded(self)
-        return probs_TE, routing_map_TE
+                return functools.partial(self._attach_cached_loss, keys_T=keys_T)
+        return None
+
+    def _megatron_bookkeeping(self, action, chosen_TK, hidden_TH, logits_TE):
+        """Protocol mode: RECORD records and caches; a replay forward may train the predictor.
+
+        Returns the predictor loss to attach, or None (docs: :mod:`.megatron_replay`).
+        """
+        replay = self.router_replay
+        if action == RouterReplayAction.RECORD:
+            replay.record(self.weight, chosen_TK.detach(), self.feature_cache, hidden_TH, logits_TE)
+            return None
+        grad = torch.is_grad_enabled() or self._will_be_recomputed()
+        if not (self.training and grad):
+            return None
+        if not replay.router_moved(self.weight):
+            replay.pairing_counts["not_moved"] += 1
+            return None
+        forward = replay.matching_forward(chosen_TK)
+        if forward is not None:
+            keys_T = forward * RECORD_KEY_STRIDE + torch.arange(chosen_TK.shape[0])
+            return functools.partial(self._attach_cached_loss, keys_T=keys_T, pairing="exact")
+        return self._attach_snapshot_loss
+
+    def _megatron_action(self) -> Optional[RouterReplayAction]:
+        """The protocol action this forward follows (None: the PR2 phase rules)."""
+        replay = self.router_replay
+        if not isinstance(replay, PR2RouterReplay) or replay.router_replay_action is None:
+            return None
+        replay.check_registered()
+        if self.phase != RoutingPhase.OFF:
+            raise RouteError(
+                f"MoE layer {self.route_layer_number}: Megatron's RouterReplay action "
+                f"{replay.router_replay_action.name} and the PR2 phase {self.phase.value!r} are "
+                "both set; drive the router through one of them (controller.off() or "
+                "RouterReplay.clear_global_router_replay_action())"
+            )
+        return replay.router_replay_action
 
     # ------------------------------------------------------------------------------ helpers
     def _route(self, logits_SBE, target_TK, padding_mask=None):
@@ -282,6 +398,12 @@ class PR2Router(TopKRouter):
         chosen_TK = self._selector.chosen_TK
         self._selector.target_TK = self._selector.chosen_TK = None
         return probs_TE, routing_map_TE, chosen_TK
+
+    def _predicted_route(self, hidden_TH, logits_TE):
+        """``(TopK(score_fn(z + Δ)), Δ)`` without grad: the PR2 prediction."""
+        with torch.no_grad():
+            delta_TE = self.predictor(hidden_TH)
+            return self._topk_indices(logits_TE + delta_TE), delta_TE
 
     def _route_record(self, replayed_TK, live_TK, plain_TK) -> dict[str, Optional[torch.Tensor]]:
         """A replay forward's routes for metrics, in the route table's smallest dtype.
@@ -318,14 +440,14 @@ class PR2Router(TopKRouter):
     def _pop_target(self, num_tokens: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if not self._targets:
             raise RouteError(
-                f"MoE layer {self.layer_number}: replay forward without a target "
+                f"MoE layer {self.route_layer_number}: replay forward without a target "
                 "(RoutingController.set_targets was not called for this forward)"
             )
         target_TK = self._targets.popleft()
         plain_TK = self._plain_targets.popleft()
         if tuple(target_TK.shape) != (num_tokens, self.topk):
             raise RouteError(
-                f"MoE layer {self.layer_number}: replay target has shape "
+                f"MoE layer {self.route_layer_number}: replay target has shape "
                 f"{tuple(target_TK.shape)}, this forward routes ({num_tokens}, {self.topk}) "
                 "tokens x top-k"
             )
@@ -356,7 +478,7 @@ class PR2Router(TopKRouter):
         keys_T, groups_T = self._token_keys.popleft()
         if keys_T.numel() != num_tokens:
             raise RouteError(
-                f"MoE layer {self.layer_number}: {keys_T.numel()} token keys for a forward "
+                f"MoE layer {self.route_layer_number}: {keys_T.numel()} token keys for a forward "
                 f"of {num_tokens} tokens"
             )
         return keys_T, groups_T
@@ -373,6 +495,19 @@ class PR2Router(TopKRouter):
         groups_SB = (torch.arange(batch) + self._group_counter).expand(seq_len, batch)
         self._group_counter += batch
         return groups_SB.reshape(-1)
+
+    def _attach_cached_loss(self, probs_TE, hidden_TH, logits_TE, *, keys_T, pairing=None):
+        """The predictor loss on the cached tokens named ``keys_T``, attached to ``probs_TE``."""
+        if pairing is not None:
+            self.router_replay.pairing_counts[pairing] += 1
+        return self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
+
+    def _attach_snapshot_loss(self, probs_TE, hidden_TH, logits_TE):
+        """Protocol mode, no exact pairing: the forward's own h against ``z_old = W_old h``."""
+        replay = self.router_replay
+        replay.pairing_counts["snapshot"] += 1
+        loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
+        return self._finish_predictor_loss(probs_TE, loss)
 
     def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE) -> torch.Tensor:
         """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
@@ -392,6 +527,10 @@ class PR2Router(TopKRouter):
                 cached.logits_CE[cache_idx].to(device),
                 delta_CE,
             )
+        return self._finish_predictor_loss(probs_TE, loss)
+
+    def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
+        """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
         self.predictor_losses.append(float(loss.detach()))
         if self.config.sequence_parallel:
             # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
@@ -400,13 +539,30 @@ class PR2Router(TopKRouter):
         return MoEAuxLossAutoScaler.apply(probs_TE, loss)
 
 
-def _check_config_supports_replay(config) -> None:
+def _unregister(stock) -> None:
+    """Drop the stock ``RouterReplay`` ``TopKRouter.__init__`` registered (protocol mode)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    instances = RouterReplay.global_router_replay_instances
+    for index, entry in enumerate(instances):
+        if entry is stock:
+            del instances[index]
+            return
+
+
+def _check_config_supports_replay(config, megatron_router_replay: bool = False) -> None:
     """Reject Megatron settings under which replayed routes would be silently changed."""
-    if config.moe_enable_routing_replay:
+    if config.moe_enable_routing_replay and not megatron_router_replay:
         raise ValueError(
-            "PR2Router records and replays routes itself; set moe_enable_routing_replay=False "
-            "(Megatron's RouterReplay keeps only the last micro-batch and a process-global "
-            "registry)"
+            "PR2Router records and replays routes itself; set moe_enable_routing_replay=False, "
+            "or PR2RouterConfig(megatron_router_replay=True) for a stack that drives Megatron's "
+            "RouterReplay protocol (verl, NeMo-RL, Megatron's inference engine)"
+        )
+    if megatron_router_replay and not config.moe_enable_routing_replay:
+        raise ValueError(
+            "PR2RouterConfig(megatron_router_replay=True) needs Megatron's "
+            "moe_enable_routing_replay=True (the switch the stacks and Megatron's inference "
+            "engine look at)"
         )
     if config.moe_router_load_balancing_type == "sinkhorn":
         raise ValueError("moe_router_load_balancing_type='sinkhorn' bypasses route replay")

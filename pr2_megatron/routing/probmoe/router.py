@@ -187,6 +187,17 @@ class ProbMoERouter(PR2Router):
     ) -> None:
         probmoe_config = probmoe_config or ProbMoEConfig()
         _check_config_supports_probmoe(config, probmoe_config)
+        if probmoe_config.mode == "dynamic-k":
+            from pr2_megatron.routing.compat import megatron_features
+
+            features = megatron_features()
+            if features.dispatcher_needs_topk_per_token:
+                raise ValueError(
+                    f"ProbMoE dynamic-k: megatron-core {features.version}'s dropless token "
+                    "dispatchers assume exactly moe_router_topk experts per token (the "
+                    "permuted buffer is tokens x topk); use mode='exact-k' or megatron-core "
+                    "0.16.1"
+                )
         super().__init__(
             config, pg_collection=pg_collection, pr2_config=pr2_config, is_mtp_layer=is_mtp_layer
         )
