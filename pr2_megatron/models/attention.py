@@ -1,8 +1,9 @@
 """Attention features the real models need that Megatron's stock local spec lacks.
 
 Per-head q/k RMSNorm usable with sequence parallelism (Qwen3-MoE), an RMSNorm over a token's
-whole q or k projection (OLMoE), and MLA's core attention with separate q/k and v head dims
-(DeepSeek-V3, Moonlight) on the local spec.
+whole q or k projection (OLMoE), MLA's core attention with separate q/k and v head dims
+(DeepSeek-V3, Moonlight) on the local spec, and self-attention that rotates each key once when
+it enters a static KV cache (:class:`CachedRopeSelfAttention`: KV-cached rollout).
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import dataclasses
 from typing import Literal
 
 import torch
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from pr2_megatron.models.config import MoEModelConfig
 
-__all__ = ["HeadQKNorm", "MLACoreAttention", "ProjectionQKNorm", "with_attention_features"]
+__all__ = [
+    "CachedRopeSelfAttention",
+    "HeadQKNorm",
+    "MLACoreAttention",
+    "ProjectionQKNorm",
+    "with_attention_features",
+]
 
 
 def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_engine=None):
@@ -27,6 +35,9 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
       sequence parallelism and marks its weight for a TP gradient sum.
     * MLA on the local spec: :class:`MLACoreAttention` as core attention (core 0.16.1's local
       ``DotProductAttention`` does not take MLA's separate q/k and v head dims).
+    * Standard self-attention becomes :class:`CachedRopeSelfAttention` (the same module outside
+      a static inference context; decoding with one rotates each key once, not the whole cache
+      at every step).
     """
     from pr2_megatron.routing.compat import megatron_features
 
@@ -58,9 +69,14 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
         elif model.qk_norm == "head" and not use_te:
             replaced["q_layernorm"] = HeadQKNorm
             replaced["k_layernorm"] = HeadQKNorm
-        if replaced:
-            submodules = dataclasses.replace(attention.submodules, **replaced)
-            attention = dataclasses.replace(attention, submodules=submodules)
+        module = {}
+        if attention.module is SelfAttention:
+            module["module"] = CachedRopeSelfAttention
+        if replaced or module:
+            if replaced:
+                submodules = dataclasses.replace(attention.submodules, **replaced)
+                attention = dataclasses.replace(attention, submodules=submodules)
+            attention = dataclasses.replace(attention, **module)
             layer = dataclasses.replace(
                 layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention)
             )
@@ -171,3 +187,58 @@ class MLACoreAttention(DotProductAttention):
         super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+class CachedRopeSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention``; in a static KV cache each key is rotated once, on entry.
+
+    Under ``StaticInferenceContext`` megatron-core caches keys *before* RoPE and rotates the
+    whole cache ``[:offset + s]`` in every forward: O(S) elementwise work per layer and decoding
+    step, more than half of a decoding step at S = 2048 on CPU (docs/performance.md). Here the
+    new keys are rotated with their own positions' embedding before they are cached (the same
+    ``apply_rotary_pos_emb``, elementwise, so the same numbers) and the cached keys are used
+    as they are. Everything else -- training, forwards without an inference context, the
+    dynamic context, flash decoding, context parallelism -- is the stock module's code path.
+    """
+
+    def _adjust_key_value_for_inference(
+        self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+    ):
+        if not self._rotates_on_entry(inference_context, rotary_pos_emb):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+            )
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+            _yarn_get_concentration_factor_from_config,
+        )
+
+        start = inference_context.sequence_len_offset
+        key = apply_rotary_pos_emb(
+            key,
+            rotary_pos_emb[1][start : start + key.shape[0]],
+            config=self.config,
+            mscale=_yarn_get_concentration_factor_from_config(self.config),
+            cp_group=self.pg_collection.cp,
+        )
+        query, key, value, rotary_pos_emb, mask_type, block_table = (
+            super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+            )
+        )
+        # The cached keys are rotated already: only the query's embedding is left to apply.
+        return query, key, value, (rotary_pos_emb[0], None), mask_type, block_table
+
+    def _rotates_on_entry(self, inference_context, rotary_pos_emb) -> bool:
+        cp = getattr(getattr(self, "pg_collection", None), "cp", None)
+        return (
+            inference_context is not None
+            and inference_context.is_static_batching()
+            and not self.training
+            and not self.config.flash_decode
+            and isinstance(rotary_pos_emb, tuple)
+            and len(rotary_pos_emb) == 2
+            and rotary_pos_emb[1] is not None
+            and cp is not None
+            and cp.size() == 1
+        )

@@ -1,10 +1,10 @@
 """Run configuration: YAML files loaded into dataclasses, ``key=value`` overrides, no unknown keys.
 
 A config file mirrors :class:`TrainConfig`: one mapping per section (``model``, ``parallel``,
-``router``, ``replay``, ``task``, ``rollout``, ``grpo``, ``optim``, ``warm_start``,
-``checkpoint``, ``logging``) plus the top-level ``seed`` and ``steps``. Every field is documented
-by the ``#:`` comment above it; :func:`config_reference` renders those comments as the reference
-in ``docs/config.md`` (a test keeps the two identical).
+``router``, ``replay``, ``task``, ``tokenizer``, ``rollout``, ``grpo``, ``optim``,
+``warm_start``, ``checkpoint``, ``logging``) plus the top-level ``seed`` and ``steps``. Every
+field is documented by the ``#:`` comment above it; :func:`config_reference` renders those
+comments as the reference in ``docs/config.md`` (a test keeps the two identical).
 
 Errors name the file, the full key path and the bad value, and suggest the nearest known key::
 
@@ -68,13 +68,27 @@ class ReplayConfig:
 
 @dataclass
 class TaskConfig:
-    """The verifiable synthetic task (exact-match reward, character tokenizer)."""
+    """The verifiable task: a synthetic digit task, or prompts and answers from a JSONL file."""
 
-    #: ``reverse`` a digit string, ``sort`` its digits, ``copy`` it, or ``add`` two numbers.
+    #: ``reverse`` a digit string, ``sort`` its digits, ``copy`` it, or ``add`` two numbers
+    #: (character tokenizer; ignored with ``dataset``).
     name: Literal["reverse", "sort", "copy", "add"] = "reverse"
     #: Shortest and longest operand, in digits.
     min_digits: int = 2
     max_digits: int = 4
+    #: JSONL file of prompts and reference answers, one JSON object per line (GSM8K-style);
+    #: None: the digit task ``name``. Needs ``tokenizer.path``. Records are drawn uniformly with
+    #: replacement, per step from the seed.
+    dataset: Optional[str] = None
+    #: Fields of a ``dataset`` record holding the prompt (a string) and the reference answer
+    #: (a string or a number).
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    #: Reward of a response: ``exact_match`` (the whole response, ended by end-of-sequence,
+    #: equals the answer) or ``final_number`` (its final number, after the last ``####`` or
+    #: else the last number in the text, equals the answer's), or a name registered with
+    #: ``pr2_megatron.rl.data.register_reward``.
+    reward: str = "exact_match"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_digits <= self.max_digits:
@@ -82,6 +96,30 @@ class TaskConfig:
                 f"task.min_digits={self.min_digits} and task.max_digits={self.max_digits} must "
                 "satisfy 1 <= min_digits <= max_digits"
             )
+        for name in ("prompt_field", "answer_field"):
+            if not getattr(self, name):
+                raise ValueError(f"task.{name} must be a non-empty field name")
+        if self.prompt_field == self.answer_field:
+            raise ValueError(
+                f"task.prompt_field and task.answer_field are both {self.prompt_field!r}"
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer of ``task.dataset``, read from local files only (nothing is downloaded)."""
+
+    #: A Hugging Face tokenizer: a local directory (``transformers.AutoTokenizer``, local files
+    #: only) or a ``tokenizer.json`` file (``tokenizers.Tokenizer``); None: the digit tasks'
+    #: character tokenizer. Its vocabulary must fit ``model.vocab_size``.
+    path: Optional[str] = None
+    #: Wrap each prompt in the tokenizer's chat template: one user turn plus the generation
+    #: prompt (a tokenizer directory with a template).
+    chat_template: bool = False
+    #: End-of-sequence and padding tokens by name (None: the tokenizer's own; padding falls
+    #: back to end-of-sequence).
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None
 
 
 @dataclass
@@ -102,6 +140,11 @@ class RolloutConfig:
     dtype: Literal["fp32", "bf16"] = "bf16"
     #: Sequences per rollout forward on each rank.
     micro_batch_size: int = 16
+    #: KV-cached decoding (megatron-core's ``StaticInferenceContext``: one prefill forward,
+    #: then one token per sequence per forward; stops when every sequence of the EP/TP group
+    #: has ended). False, or tensor parallelism with sequence parallelism (a one-line notice
+    #: says so): a forward over the whole sequence buffer per new token.
+    kv_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "micro_batch_size"):
@@ -220,6 +263,7 @@ class TrainConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,6 +281,16 @@ class TrainConfig:
             )
         if self.replay.mode == "pr2" and self.router.kind != "pr2":
             raise ValueError(f"replay.mode='pr2' needs router.kind='pr2', got {self.router.kind!r}")
+        if self.task.dataset is not None and self.tokenizer.path is None:
+            raise ValueError(
+                f"task.dataset={self.task.dataset!r} needs tokenizer.path (a local Hugging Face "
+                "tokenizer directory or tokenizer.json)"
+            )
+        if self.task.dataset is None and self.tokenizer.path is not None:
+            raise ValueError(
+                f"tokenizer.path={self.tokenizer.path!r} is set but task.dataset is not: the "
+                "digit tasks use their own character tokenizer"
+            )
 
 
 # --------------------------------------------------------------------------------- loading

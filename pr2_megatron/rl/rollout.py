@@ -1,15 +1,16 @@
-"""Rollout with the Megatron model itself: batched sampling with route capture.
+"""Rollout with the Megatron model itself: the full-forward sampler, and what samplers share.
 
 Legend: B sequences of a micro-batch, S the fixed forward length, L MoE layers of this rank, K
 top-k, V vocabulary.
 
-Every generation step runs one forward over the whole ``[B, S]`` buffer (no KV cache: the tiny
-models this runs on CPU make that cheap, and every step has the same shape, so a position's
-numbers do not change between steps). Routes are captured *as the tokens are generated*: the
-prompt's rows from the first forward, then each new token's row from the forward that consumed
-it. All ranks of an expert-parallel group run the same number of forwards (``max_new_tokens``
-per micro-batch), whether or not their sequences have already stopped, so the dispatcher's
-collectives always match.
+:func:`generate_full_forward` runs one forward over the whole ``[B, S]`` buffer for every new
+token (no KV cache: every step has the same shape, so a position's numbers do not change between
+steps). It is the fallback of :func:`pr2_megatron.rl.generation.generate`, which decodes with a
+KV cache wherever megatron-core's static inference context runs (docs/trainer.md). Routes are
+captured *as the tokens are generated*: the prompt's rows from the first forward, then each new
+token's row from the forward that consumed it. All ranks of an expert-parallel group run the
+same number of forwards (``max_new_tokens`` per micro-batch), whether or not their sequences
+have already stopped, so the dispatcher's collectives always match.
 
 The rollout may run with other numerics than training (``dtype='bf16'``: autocast to bfloat16,
 as a separate inference engine would), which is what makes r3 (rollout routes) differ from r2
@@ -24,8 +25,21 @@ from typing import Optional
 
 import torch
 
-from pr2_megatron.rl.tasks import EOS, PAD, Problem
+from pr2_megatron.rl.sampling import sample_tokens
+from pr2_megatron.rl.tasks import Problem
 from pr2_megatron.routes.path import MicroBatch
+from pr2_megatron.routes.table import route_dtype
+
+__all__ = [
+    "RolloutMicroBatch",
+    "forward_logits",
+    "full_vocab_logits",
+    "generate_full_forward",
+    "model_device",
+    "numerics",
+    "prompt_buffer",
+    "sample_tokens",
+]
 
 
 @dataclass
@@ -43,9 +57,10 @@ class RolloutMicroBatch:
     #: Sample ids of the B sequences (names in route tables and the feature cache).
     sample_ids: list[int] = field(default_factory=list)
     #: ``[S, B, L, K]`` routes used at rollout (predicted ones in the predict phase) and the
-    #: plain-replay route (the live top-k); rows at positions ``>= total_lens - 1`` are not
-    #: meaningful. None when the routers did not record. With sequence parallelism: this TP
-    #: rank's ``S / TP`` chunk.
+    #: plain-replay route (the live top-k), in the route table's dtype
+    #: (:func:`pr2_megatron.routes.table.route_dtype` of the controller's ``route_id_bound``);
+    #: rows at positions ``>= total_lens - 1`` are 0. None when the routers did not record.
+    #: With sequence parallelism: this TP rank's ``S / TP`` chunk.
     routes_SBLK: Optional[torch.Tensor] = None
     plain_routes_SBLK: Optional[torch.Tensor] = None
 
@@ -86,6 +101,11 @@ def forward_logits(model, ids_BS: torch.Tensor) -> torch.Tensor:
     return full_vocab_logits(model(ids_BS, positions, None))
 
 
+def model_device(model) -> torch.device:
+    """The device of ``model``'s parameters (where its input ids must be)."""
+    return next(model.parameters()).device
+
+
 def numerics(dtype: str):
     """Context for a forward in ``dtype``: bf16 autocast, or nothing for fp32."""
     if dtype == "fp32":
@@ -96,26 +116,31 @@ def numerics(dtype: str):
     raise ValueError(f"rollout dtype must be fp32 or bf16, got {dtype!r}")
 
 
-def sample_tokens(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+def prompt_buffer(
+    problems: list[Problem], seq_len: int, max_new_tokens: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row (temperature, nucleus ``top_p``); return ids and log-probs.
+    """``[B, S + 1]`` right-padded prompts (``pad_id`` elsewhere) and the ``[B]`` prompt lengths.
 
-    The log-prob is that of the tempered distribution (before nucleus truncation), the
-    distribution training evaluates.
+    ValueError when the longest prompt and ``max_new_tokens`` do not fit ``seq_len`` positions
+    (the last new token is never fed, so ``prompt + max_new_tokens - 1 <= seq_len``).
     """
-    logprobs_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
-    probs_BV = logprobs_BV.exp()
-    if top_p < 1.0:
-        sorted_probs, order = probs_BV.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_probs)
-    tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-    return tokens_B, logprobs_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
+    if not problems:
+        raise ValueError("a rollout micro-batch needs at least one problem")
+    prompt_lens = torch.tensor([len(p.prompt) for p in problems])
+    if int(prompt_lens.min()) < 1:
+        raise ValueError(f"problem {int(prompt_lens.argmin())} of the micro-batch has no prompt")
+    if int(prompt_lens.max()) + max_new_tokens - 1 > seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} is too short for prompts of {int(prompt_lens.max())} tokens and "
+            f"{max_new_tokens} new tokens"
+        )
+    tokens = torch.full((len(problems), seq_len + 1), pad_id, dtype=torch.long)
+    for row, problem in enumerate(problems):
+        tokens[row, : len(problem.prompt)] = torch.tensor(problem.prompt)
+    return tokens, prompt_lens
 
 
-def generate(
+def generate_full_forward(
     model,
     problems: list[Problem],
     *,
@@ -124,29 +149,26 @@ def generate(
     temperature: float,
     top_p: float,
     generator: torch.Generator,
+    eos_id: int,
+    pad_id: int,
     path=None,
     sample_ids: Optional[list[int]] = None,
     dtype: str = "fp32",
 ) -> RolloutMicroBatch:
     """Sample responses for ``problems`` (one micro-batch) and capture their routes.
 
-    ``path`` (a :class:`~pr2_megatron.routes.RoutePath` whose controller is already in the
-    ``record`` or ``predict`` phase, or None) supplies the routes; they are read from the
+    One forward over the whole ``[B, S]`` buffer per new token, always ``max_new_tokens`` of
+    them. ``eos_id`` ends a response; ``pad_id`` fills the buffer (both from the task or its
+    tokenizer). ``path`` (a :class:`~pr2_megatron.routes.RoutePath` whose controller is already
+    in the ``record`` or ``predict`` phase, or None) supplies the routes; they are read from the
     forwards this call runs, so earlier forwards of the same phase may exist. In the predict
     phase the predictor's feature cache is offered each position once, when its route is
-    captured, under the path's token names of ``sample_ids`` (default ``0..B-1``).
+    captured, under the path's token names of ``sample_ids`` (default ``0..B-1``). Sampling
+    draws one ``[B, V]`` noise block from ``generator`` per step (:mod:`pr2_megatron.rl.sampling`).
     """
     batch = len(problems)
     sample_ids = list(range(batch)) if sample_ids is None else list(sample_ids)
-    prompt_lens = torch.tensor([len(p.prompt) for p in problems])
-    if int(prompt_lens.max()) + max_new_tokens - 1 > seq_len:
-        raise ValueError(
-            f"seq_len={seq_len} is too short for prompts of {int(prompt_lens.max())} tokens and "
-            f"{max_new_tokens} new tokens"
-        )
-    tokens = torch.full((batch, seq_len + 1), PAD, dtype=torch.long)
-    for row, problem in enumerate(problems):
-        tokens[row, : len(problem.prompt)] = torch.tensor(problem.prompt)
+    tokens, prompt_lens = prompt_buffer(problems, seq_len, max_new_tokens, pad_id)
     lengths = prompt_lens.clone()
     active = torch.ones(batch, dtype=torch.bool)
     logprobs = torch.zeros(batch, seq_len)
@@ -154,6 +176,7 @@ def generate(
     recording = controller is not None and bool(controller.routers)
     first_forward = len(controller.routers[0].recorded) if recording else 0
     names = MicroBatch(sample_ids, seq_len) if recording else None
+    device = model_device(model)
     # Which position's route to keep from each forward: prefill keeps the prompt, later steps
     # the token just fed (-1: nothing, the sequence has stopped).
     keep_after_prefill: list[torch.Tensor] = []
@@ -162,16 +185,17 @@ def generate(
             captured = _captured_positions(step, prompt_lens, lengths, active, seq_len)
             path.name_tokens(names, captured)
         with torch.no_grad(), numerics(dtype):
-            logits = forward_logits(model, tokens[:, :seq_len])
-        last_BV = logits[torch.arange(batch), lengths - 1]
+            logits = forward_logits(model, tokens[:, :seq_len].to(device))
+        last_BV = logits[torch.arange(batch, device=device), (lengths - 1).to(device)]
         new_tokens, new_logprobs = sample_tokens(last_BV, temperature, top_p, generator)
+        new_tokens, new_logprobs = new_tokens.cpu(), new_logprobs.float().cpu()
         if step > 0:
             keep_after_prefill.append(torch.where(active, lengths - 1, -1))
         rows = torch.nonzero(active).squeeze(-1)
         tokens[rows, lengths[rows]] = new_tokens[rows]
         logprobs[rows, lengths[rows] - 1] = new_logprobs[rows]
         lengths[rows] += 1
-        active &= new_tokens != EOS
+        active &= new_tokens != eos_id
     out = RolloutMicroBatch(tokens, prompt_lens, lengths, logprobs, sample_ids)
     if recording:
         out.routes_SBLK, out.plain_routes_SBLK = _captured_routes(
@@ -201,19 +225,20 @@ def _captured_routes(controller, first_forward, seq_len, batch, prompt_lens, kee
     local_len = routes[0].shape[0] // batch
     start = _chunk_start(seq_len, local_len)
     shape = (local_len, batch, *routes[0].shape[1:])
-    out, out_plain = (torch.zeros(shape, dtype=torch.long) for _ in range(2))
+    dtype = route_dtype(controller.route_id_bound)
+    out, out_plain = (torch.zeros(shape, dtype=dtype) for _ in range(2))
     prompt_end = (prompt_lens - start).clamp(0, local_len)
     prefill, prefill_plain = routes[0].view(shape), plain[0].view(shape)
     for b in range(batch):
-        out[: prompt_end[b], b] = prefill[: prompt_end[b], b]
-        out_plain[: prompt_end[b], b] = prefill_plain[: prompt_end[b], b]
+        out[: prompt_end[b], b] = prefill[: prompt_end[b], b].to(dtype)
+        out_plain[: prompt_end[b], b] = prefill_plain[: prompt_end[b], b].to(dtype)
     for forward, positions in enumerate(keep_after_prefill, start=1):
         step_routes, step_plain = routes[forward].view(shape), plain[forward].view(shape)
         for b, position in enumerate(positions.tolist()):
             local = position - start
             if position >= 0 and 0 <= local < local_len:
-                out[local, b] = step_routes[local, b]
-                out_plain[local, b] = step_plain[local, b]
+                out[local, b] = step_routes[local, b].to(dtype)
+                out_plain[local, b] = step_plain[local, b].to(dtype)
     return out, out_plain
 
 

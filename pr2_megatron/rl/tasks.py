@@ -3,12 +3,17 @@
 A prompt is ``<bos> operand [+ operand] =``; the answer is digits followed by ``<eos>``.
 Tasks: ``reverse`` (digits reversed), ``sort`` (digits ascending), ``copy`` and ``add`` (the sum
 of two numbers). The reward of a response is 1.0 when it is exactly the answer (digits then
-``<eos>``), else 0.0.
+``<eos>``), else 0.0 (``task.reward: exact_match``; ``final_number`` compares the response's last
+number instead). Real prompts (JSONL files, Hugging Face tokenizers): :mod:`pr2_megatron.rl.data`.
+
+The constants below are this character tokenizer's ids; the trainer and the samplers take
+end-of-sequence and padding ids from the task (``Task.eos_id`` / ``Task.pad_id``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,21 +44,38 @@ def decode(tokens) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """One prompt and its exact answer (token ids, answer without ``<eos>``)."""
+    """One prompt and its answer (token ids, answer without ``<eos>``).
+
+    ``reference``: the reference answer's text where the reward reads text (datasets);
+    ``source``: where the problem came from (``file:line``), for error messages.
+    """
 
     prompt: tuple[int, ...]
     answer: tuple[int, ...]
+    reference: Optional[str] = None
+    source: Optional[str] = None
 
 
 class Task:
-    """A task family: sample problems, score responses."""
+    """A digit task family: sample problems, score responses (character tokenizer).
 
-    def __init__(self, name: str, min_digits: int, max_digits: int) -> None:
+    ``reward``: ``exact_match`` (the answer's digits then ``<eos>``) or ``final_number`` (the
+    response's last number equals the answer); other registered rewards read the decoded text
+    (:mod:`pr2_megatron.rl.data`).
+    """
+
+    #: End-of-sequence and padding ids, and the number of ids the task uses.
+    eos_id, pad_id, vocab_size = EOS, PAD, VOCAB_USED
+
+    def __init__(
+        self, name: str, min_digits: int, max_digits: int, reward: str = "exact_match"
+    ) -> None:
         if name not in ("reverse", "sort", "copy", "add"):
             raise ValueError(f"task.name must be reverse, sort, copy or add; got {name!r}")
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"task digits need 1 <= min <= max, got {min_digits}, {max_digits}")
         self.name, self.min_digits, self.max_digits = name, min_digits, max_digits
+        self.reward_name = reward
 
     @property
     def max_prompt_len(self) -> int:
@@ -86,23 +108,45 @@ class Task:
             problems.append(Problem(tuple(prompt), tuple(encode_digits(answer))))
         return problems
 
+    def reward(self, problem: Problem, response: list[int]) -> float:
+        """``exact_match``: 1.0 when ``response`` is exactly the answer then ``<eos>``, else 0.0.
+
+        Other rewards (``final_number``, registered ones) score the decoded texts.
+        """
+        response = [int(t) for t in response]
+        if self.reward_name == "exact_match":
+            return float(response == [*problem.answer, EOS])
+        from pr2_megatron.rl.data import get_reward
+
+        finished = bool(response) and response[-1] == EOS
+        text = decode(response[:-1] if finished else response)
+        return float(get_reward(self.reward_name)(text, decode(problem.answer), finished))
+
     @staticmethod
-    def reward(problem: Problem, response: list[int]) -> float:
-        """1.0 when ``response`` is exactly the answer followed by ``<eos>``, else 0.0."""
-        return float(list(response) == [*problem.answer, EOS])
+    def decode(tokens) -> str:
+        """Readable text of token ids (:func:`decode`)."""
+        return decode(tokens)
+
+    def supervised_batch(self, problems: list[Problem], seq_len: int):
+        """Warm-start ``ids``, ``labels`` and answer mask (:func:`supervised_batch`)."""
+        return supervised_batch(problems, seq_len, eos_id=self.eos_id, pad_id=self.pad_id)
 
 
 def supervised_batch(
-    problems: list[Problem], seq_len: int
+    problems: list[Problem], seq_len: int, *, eos_id: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``ids [B, seq_len]``, ``labels`` and a loss mask on the answer tokens."""
-    ids = torch.full((len(problems), seq_len), PAD, dtype=torch.long)
-    labels = torch.full_like(ids, PAD)
+    """Right-padded ``ids [B, seq_len]``, ``labels`` and a loss mask on the answer tokens.
+
+    Each sequence is prompt, answer, ``eos_id``; ``pad_id`` fills the rest.
+    """
+    ids = torch.full((len(problems), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, pad_id)
     mask = torch.zeros(len(problems), seq_len)
     for row, problem in enumerate(problems):
-        full = [*problem.prompt, *problem.answer, EOS]
+        full = [*problem.prompt, *problem.answer, eos_id]
         if len(full) - 1 > seq_len:
-            raise ValueError(f"problem of {len(full)} tokens does not fit seq_len={seq_len}")
+            where = f" ({problem.source})" if problem.source else ""
+            raise ValueError(f"problem{where} of {len(full)} tokens does not fit seq_len={seq_len}")
         ids[row, : len(full) - 1] = torch.tensor(full[:-1])
         labels[row, : len(full) - 1] = torch.tensor(full[1:])
         mask[row, len(problem.prompt) - 1 : len(full) - 1] = 1.0

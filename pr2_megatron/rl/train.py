@@ -64,8 +64,8 @@ class Trainer:
         from megatron.core import parallel_state
 
         from pr2_megatron.models.builder import build_gpt_moe
+        from pr2_megatron.rl.data import build_task
         from pr2_megatron.rl.run_log import RunLog
-        from pr2_megatron.rl.tasks import VOCAB_USED, Task
         from pr2_megatron.routing.controller import RoutingController
         from pr2_megatron.runtime.parallel import initialize_parallel
 
@@ -81,7 +81,7 @@ class Trainer:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.rank0 = dist.get_rank() == 0
-        self.task = Task(cfg.task.name, cfg.task.min_digits, cfg.task.max_digits)
+        self.task = build_task(cfg)  # digit task, or task.dataset with its tokenizer
         self.seq_len = _round_up(
             max(
                 self.task.max_prompt_len + cfg.rollout.max_new_tokens - 1,
@@ -94,9 +94,10 @@ class Trainer:
                 f"model.max_sequence_length={cfg.model.max_sequence_length} is shorter than the "
                 f"task's sequences ({self.seq_len} tokens)"
             )
-        if cfg.model.vocab_size < VOCAB_USED:
+        if cfg.model.vocab_size < self.task.vocab_size:
             raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's {VOCAB_USED}"
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's "
+                f"{self.task.vocab_size}"
             )
         self.per_rank = _per_rank_samples(cfg, self.dp_size)
         kwargs = {}
@@ -199,7 +200,6 @@ class Trainer:
     # ---------------------------------------------------------------------------- warm start
     def warm_start(self) -> None:
         """Supervised steps on correct answers (router live, nothing recorded)."""
-        from pr2_megatron.rl.tasks import supervised_batch
         from pr2_megatron.runtime.parallel import average_gradients
 
         warm = self.cfg.warm_start
@@ -221,7 +221,7 @@ class Trainer:
                     print(f"pr2-train: signal during warm start (iteration {i})", flush=True)
                 return
             problems = self.task.sample(warm.batch_size // self.dp_size, self._generator(1, i))
-            ids, labels, mask = supervised_batch(problems, self.seq_len)
+            ids, labels, mask = self.task.supervised_batch(problems, self.seq_len)
             logp = self.token_logprobs(ids, labels, temperature=1.0)
             count = self._global_sum(mask.sum())
             loss = -(logp * mask).sum() / count * self.dp_size
@@ -299,8 +299,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ RL step
     def rl_step(self) -> None:
         """One rollout batch and its off-N mini-steps; logs and prints."""
+        from pr2_megatron.rl.generation import generate
         from pr2_megatron.rl.grpo import group_advantages
-        from pr2_megatron.rl.rollout import generate
         from pr2_megatron.routes.path import MicroBatch
 
         cfg, step = self.cfg, self.step + 1
@@ -330,6 +330,9 @@ class Trainer:
                     path=self.path,
                     sample_ids=sample_ids[lo : lo + mbs],
                     dtype=cfg.rollout.dtype,
+                    eos_id=self.task.eos_id,
+                    pad_id=self.task.pad_id,
+                    kv_cache=cfg.rollout.kv_cache,
                 )
             )
         rollout_metrics = self.controller.metrics() if cfg.replay.mode == "pr2" else {}

@@ -154,20 +154,29 @@ def token_keys(
     batch: MicroBatch | PackedMicroBatch,
     groups: RouteGroups,
     captured_SB: Optional[torch.Tensor] = None,
+    *,
+    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature-cache names ``(keys_T, groups_T)`` of this rank's tokens of a forward.
-
-    A :class:`PackedMicroBatch` names its rows in the rank's stream order (alignment padding:
-    key -1; ``captured_SB`` is for right-padded batches only).
 
     Key ``sample_id * KEY_STRIDE + position``, group the sample id (the cache keeps at most T_c
     tokens per response); rows in the ``[S, B]`` order of the rank's CP part and SP chunk.
     Padding positions, and those where ``captured_SB`` (``[S, B]`` bool) is False, get key -1:
     the cache skips them (e.g. positions an earlier generation step already offered).
+
+    A :class:`PackedMicroBatch` names its rows in the rank's stream order (alignment padding:
+    key -1; ``captured_SB`` and ``start`` are for right-padded batches only).
+
+    ``start``: the forward's rows are positions ``start .. start + batch.seq_len - 1`` of its
+    samples (incremental decoding with a KV cache: a prefill chunk, or a decoding step of
+    ``seq_len=1``); ``batch.lengths`` then count real tokens within that window. Such a window
+    is not split over CP or SP ranks (RouteError), as no decoding forward is.
     """
     if isinstance(batch, PackedMicroBatch):
-        if captured_SB is not None:
-            raise RouteError("captured_SB applies to right-padded [S, B] micro-batches only")
+        if captured_SB is not None or start:
+            raise RouteError(
+                "captured_SB and start apply to right-padded [S, B] micro-batches only"
+            )
         tp_rank, tp_size = groups.tp_rank_size
         cp_rank, cp_size = groups.cp_rank_size
         return packed_token_keys(
@@ -178,10 +187,18 @@ def token_keys(
             cp_rank=cp_rank,
             cp_size=cp_size,
         )
+    if start < 0:
+        raise RouteError(f"token_keys: start position {start} is negative")
+    if start and (groups.cp_rank_size[1] > 1 or groups.tp_rank_size[1] > 1):
+        raise RouteError(
+            f"token_keys: a forward from position {start} cannot be split over context-parallel "
+            f"(CP={groups.cp_rank_size[1]}) or sequence-parallel (TP={groups.tp_rank_size[1]}) "
+            "ranks; incremental decoding runs without CP and SP"
+        )
     ids_B = torch.tensor(batch.sample_ids, dtype=torch.long)
-    positions_S = torch.arange(batch.seq_len)
+    positions_S = torch.arange(start, start + batch.seq_len)
     keys_SB = ids_B.unsqueeze(0) * KEY_STRIDE + positions_S.unsqueeze(1)
-    real_SB = positions_S.unsqueeze(1) < torch.tensor(batch.real_lengths).unsqueeze(0)
+    real_SB = positions_S.unsqueeze(1) - start < torch.tensor(batch.real_lengths).unsqueeze(0)
     if captured_SB is not None:
         real_SB = real_SB & captured_SB.to(torch.bool)
     keys_SB = torch.where(real_SB, keys_SB, torch.full_like(keys_SB, -1))
@@ -229,16 +246,21 @@ class RoutePath:
 
     # --------------------------------------------------------------------------- rollout
     def name_tokens(
-        self, batch: MicroBatch | PackedMicroBatch, captured_SB: Optional[torch.Tensor] = None
+        self,
+        batch: MicroBatch | PackedMicroBatch,
+        captured_SB: Optional[torch.Tensor] = None,
+        *,
+        start: int = 0,
     ) -> None:
         """Queue the feature-cache names of the next forward's tokens (see :func:`token_keys`).
 
         Only when the pass uses them (predict phase, or replay that trains the predictor), so
-        it is safe to call before every forward.
+        it is safe to call before every forward. ``start``: first position of a decoding
+        forward's window (KV-cached generation feeds positions ``start .. start + seq_len - 1``).
         """
         ctl = self.controller
         if ctl.routers and (ctl.phase.value == "predict" or ctl.trains_predictor):
-            ctl.set_token_keys(*token_keys(batch, self.groups, captured_SB))
+            ctl.set_token_keys(*token_keys(batch, self.groups, captured_SB, start=start))
 
     def gather(
         self,
