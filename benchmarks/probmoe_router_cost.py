@@ -10,11 +10,14 @@ its subset and backpropagates SIMPLE gates through the exact marginals. Variants
   experts in log space, marginals by double backward: ``routing/probmoe/_reference.py``);
 * ``probmoe``: the current DP (``routing/probmoe/subset_dp.py``).
 
-At E/k = 8/2 (the tiny model), 64/8 (OLMoE) and 256/8 (DeepSeek-V3), for two logit spreads: the
-freshly initialised router (logits of std ~0.2: the DP runs in float32) and router weights scaled
-to logits of std 2, a trained router's spread (``k · (max − min)`` leaves float32's range, the
-DP runs in float64). Reported: median ms per call, the median of the per-repeat ratios to
-top-k, and previous / current.
+At E/k = 8/2 (the tiny model), 64/8 (OLMoE) and 256/8 (DeepSeek-V3), for three logit spreads:
+the freshly initialised router (logits of std ~0.2), router weights scaled to logits of std 2 (a
+trained router's spread; both on the DP's usual, unsorted path) and of std 20 (``k_max`` times
+the spread of a row's logits beyond 600: the ordered path, largest logits first). Reported:
+median ms per call, the median of the per-repeat ratios to
+top-k, and previous / current. Times are the CPU time of the benchmark's thread by default
+(``--clock cpu``; the machine is shared and oversubscribed, wall-clock times include waiting
+for a core), one intra-op thread.
 
 Run: ``python benchmarks/probmoe_router_cost.py [--quick]`` → ``outputs/bench_probmoe_router.json``.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import time
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron compiles the expert-bias update
 
@@ -42,8 +46,8 @@ from _bench import (
 
 SIZES = ((8, 2), (64, 8), (256, 8))
 # Logit std the router weights are scaled to (None: the weights as built).
-SPREADS = {"init": None, "std 2": 2.0}
-HIDDEN = 64  # MoEModelConfig's default hidden size, as in probmoe_vs_topk.py
+SPREADS = {"init": None, "std 2": 2.0, "std 20": 20.0}
+HIDDEN = 64  # default hidden size: MoEModelConfig's, as in probmoe_vs_topk.py (--hidden)
 
 
 @contextlib.contextmanager
@@ -60,7 +64,7 @@ def previous_dp():
         router_module.SubsetDistribution = saved
 
 
-def _routers(experts: int, topk: int, seed: int):
+def _routers(experts: int, topk: int, seed: int, hidden: int = HIDDEN):
     from pr2_megatron.models.builder import MoEModelConfig, build_gpt_moe
     from pr2_megatron.routing.probmoe.router import ProbMoEConfig
     from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
@@ -68,7 +72,13 @@ def _routers(experts: int, topk: int, seed: int):
     routers = {}
     for kind in ("topk", "probmoe"):
         initialize_parallel(ParallelConfig(), seed=seed)
-        cfg = MoEModelConfig(num_layers=1, num_experts=experts, topk=topk, expert_ffn_hidden_size=8)
+        cfg = MoEModelConfig(
+            num_layers=1,
+            hidden_size=hidden,
+            num_experts=experts,
+            topk=topk,
+            expert_ffn_hidden_size=8,
+        )
         kwargs = {"probmoe": ProbMoEConfig(mode="exact-k", seed=seed)} if kind == "probmoe" else {}
         model = build_gpt_moe(cfg, ParallelConfig(), router=kind, **kwargs)
         routers[kind] = model.decoder.layers[0].mlp.router.train()
@@ -76,23 +86,34 @@ def _routers(experts: int, topk: int, seed: int):
 
 
 def _set_spread(topk_router, probmoe_router, logit_std, seed: int) -> None:
+    hidden = probmoe_router.weight.shape[1]
     with torch.no_grad():
         if logit_std is not None:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed + 2)  # not the input's stream
             weight = torch.randn(probmoe_router.weight.shape, generator=generator)
-            probmoe_router.weight.copy_(weight * logit_std / HIDDEN**0.5)
+            probmoe_router.weight.copy_(weight * logit_std / hidden**0.5)
         topk_router.weight.copy_(probmoe_router.weight)
 
 
-def router_rows(tokens: int, repeats: int, seed: int, sizes=SIZES, spreads=SPREADS) -> list[dict]:
+def router_rows(
+    tokens: int,
+    repeats: int,
+    seed: int,
+    sizes=SIZES,
+    spreads=SPREADS,
+    clock=time.thread_time,
+    hidden: int = HIDDEN,
+) -> list[dict]:
     """One row per (spread, E, k): median ms per variant and paired ratios."""
+    from pr2_megatron.routing.probmoe.subset_dp import needs_ordered_path
+
     rows = []
     for spread_name, logit_std in spreads.items():
         for experts, topk in sizes:
-            topk_router, probmoe_router = _routers(experts, topk, seed)
+            topk_router, probmoe_router = _routers(experts, topk, seed, hidden)
             _set_spread(topk_router, probmoe_router, logit_std, seed)
             hidden_T1H = torch.randn(
-                tokens, 1, HIDDEN, generator=torch.Generator().manual_seed(seed)
+                tokens, 1, hidden, generator=torch.Generator().manual_seed(seed)
             )
             coeff_TE = torch.randn(
                 tokens, experts, generator=torch.Generator().manual_seed(seed + 1)
@@ -112,16 +133,18 @@ def router_rows(tokens: int, repeats: int, seed: int, sizes=SIZES, spreads=SPREA
                 "probmoe previous": previous,
                 "probmoe": lambda router=probmoe_router: step(router),
             }
-            samples = interleaved(variants, repeats)
+            samples = interleaved(variants, repeats, clock=clock)
             with torch.no_grad():
                 logits_TE = hidden_T1H[:, 0] @ probmoe_router.weight.T
             rows.append(
                 {
                     "logits": spread_name,
+                    "path": "ordered" if needs_ordered_path(logits_TE, topk) else "unsorted",
                     "logit_std": float(logits_TE.std()),
                     "E": experts,
                     "k": topk,
                     "tokens": tokens,
+                    "hidden": hidden,
                     "topk_ms": 1e3 * median(samples["topk"]),
                     "previous_ms": 1e3 * median(samples["probmoe previous"]),
                     "probmoe_ms": 1e3 * median(samples["probmoe"]),
@@ -140,6 +163,7 @@ def router_rows(tokens: int, repeats: int, seed: int, sizes=SIZES, spreads=SPREA
 
 HEADERS = [
     "logits",
+    "DP path",
     "E",
     "k",
     "tokens",
@@ -157,6 +181,7 @@ def table_rows(rows: list[dict]) -> list[list[object]]:
     return [
         [
             r["logits"],
+            r["path"],
             r["E"],
             r["k"],
             r["tokens"],
@@ -177,7 +202,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="router input size H")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: this thread's CPU time (default; the machine is shared), wall: wall clock",
+    )
     parser.add_argument("--out", help="JSON (default outputs/bench_probmoe_router[_quick].json)")
     args = parser.parse_args()
     args.tokens = args.tokens or (1024 if args.quick else 4096)
@@ -186,8 +218,13 @@ def main() -> None:
     set_threads(args.threads)
     single_process_megatron(args.seed)
 
-    print(f"Router forward + backward, {args.tokens} tokens, {args.repeats} interleaved repeats")
-    rows = router_rows(args.tokens, args.repeats, args.seed)
+    print(
+        f"Router forward + backward, {args.tokens} tokens, H {args.hidden}, "
+        f"{args.repeats} interleaved repeats, "
+        f"{args.clock} time"
+    )
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    rows = router_rows(args.tokens, args.repeats, args.seed, clock=clock, hidden=args.hidden)
     print()
     print(table(HEADERS, table_rows(rows)))
     write_json(

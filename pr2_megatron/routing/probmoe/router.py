@@ -8,8 +8,10 @@ token to a subset ``S`` of experts drawn from
 
 ``k_lo = k_hi = k`` for ``exact-k`` (k = the model's ``moe_router_topk``) and ``[k_min, k_max]`` for
 ``dynamic-k``. Everything is exact (:mod:`pr2_megatron.routing.probmoe.subsets`): the normaliser is
-an O(E·k) dynamic programme in log space, subsets are sampled exactly by a backward walk through the
-DP table, and the inclusion marginals ``μ_e = P(e ∈ S)`` are the gradient of ``log Z``.
+an O(E·k) dynamic programme (linear space, float64, one tensor step per subset size), subsets are
+sampled exactly by a backward walk through the DP table, and the inclusion marginals
+``μ_e = P(e ∈ S)`` are the gradient of ``log Z`` (with SIMPLE gates only the backward computes
+them).
 
 Which experts (the live choice; replay, prediction and recompute dispatch a given subset):
 
@@ -228,7 +230,7 @@ class ProbMoERouter(PR2Router):
             logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask.reshape(-1))
         theta_TE = self._theta(logits_TE)
 
-        distribution = None  # built when sampling: the gates' marginals reuse its DP
+        distribution = None  # built when sampling; the gates reuse it (its DP path decision)
         if target_TK is None:
             if self.is_sampling:  # reads the autograd mode: outside no_grad
                 distribution = SubsetDistribution(theta_TE, self.k_lo, self.k_hi)

@@ -56,9 +56,12 @@ __all__ = ["SubsetDP", "hvp", "marginals", "needs_ordered_path", "row_blocks", "
 
 #: Largest |log| of a table value that float64 holds with full precision and margin to spare.
 _LOG_RANGE = 600.0
-#: Rows per block on CPU: few enough that a block's tables (k_max + 1 of them, float64) and
-#: their temporaries stay in the caches, enough that the per-op overhead stays small.
-_BLOCK_ROWS = 512
+#: Rows per block on CPU: ``_BLOCK_CELLS`` DP positions' worth of rows, at least ``_BLOCK_ROWS``.
+#: Small enough that a block's tables (k_max + 1 of them, float64) and temporaries stay in the
+#: caches, large enough that the per-op overhead stays small (measured on the router's forward
+#: and backward: 512 rows best at E = 64, 256 at E = 256).
+_BLOCK_ROWS = 256
+_BLOCK_CELLS = 1 << 15
 
 
 def _log_binomial(n: int, k: int) -> float:
@@ -90,7 +93,7 @@ def row_blocks(num_tokens: int, positions: int, device: torch.device) -> list[sl
     """Row ranges processed together: all rows on an accelerator, cache-sized blocks on CPU."""
     if device.type != "cpu" or num_tokens == 0:
         return [slice(0, num_tokens)]
-    rows = _BLOCK_ROWS
+    rows = max(_BLOCK_ROWS, _BLOCK_CELLS // max(positions, 1))
     return [slice(start, min(start + rows, num_tokens)) for start in range(0, num_tokens, rows)]
 
 
@@ -423,20 +426,30 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact draws ``(mask_TE, sizes_T, ids_TK)`` of every row (see :meth:`SubsetDP.sample`).
 
-    One table for all rows (sampling makes two passes per size over it, where marginals and
-    their derivative make many: blocks would not pay off). The random numbers are the sizes (one
-    ``multinomial`` for dynamic-k), then ``k_max`` uniforms per row.
+    The random numbers are drawn for all rows at once (dynamic-k: the sizes by one
+    ``multinomial`` over every row's ``e_j``, a first pass over the blocks; then ``k_max``
+    uniforms per row), so the draws do not depend on the blocks.
     """
-    num_tokens = theta_TE.shape[0]
+    num_tokens, num_experts = theta_TE.shape
     device = theta_TE.device
-    dp = SubsetDP(theta_TE, k_min, k_max, ordered)
+    blocks = row_blocks(num_tokens, _positions(num_experts, k_max, ordered), device)
     if k_min == k_max or num_tokens == 0:
         sizes_T = torch.full((num_tokens,), k_max, dtype=torch.long, device=device)
     else:
-        size_probs_TK = torch.softmax(dp.log_esp_TK[:, k_min:], dim=-1)
+        log_esp_TK = torch.cat(
+            [SubsetDP(theta_TE[rows], k_min, k_max, ordered).log_esp_TK for rows in blocks]
+        )
+        size_probs_TK = torch.softmax(log_esp_TK[:, k_min:], dim=-1)
         sizes_T = torch.multinomial(size_probs_TK, 1, generator=generator).squeeze(1) + k_min
     uniform_TK = torch.rand(
         (num_tokens, k_max), generator=generator, dtype=theta_TE.dtype, device=device
     )
-    mask_TE, ids_TK = dp.sample(sizes_T, uniform_TK)
+    if len(blocks) == 1:
+        mask_TE, ids_TK = SubsetDP(theta_TE, k_min, k_max, ordered).sample(sizes_T, uniform_TK)
+        return mask_TE, sizes_T, ids_TK
+    mask_TE = torch.empty((num_tokens, num_experts), dtype=torch.bool, device=device)
+    ids_TK = torch.empty((num_tokens, k_max), dtype=torch.long, device=device)
+    for rows in blocks:
+        dp = SubsetDP(theta_TE[rows], k_min, k_max, ordered)
+        mask_TE[rows], ids_TK[rows] = dp.sample(sizes_T[rows], uniform_TK[rows])
     return mask_TE, sizes_T, ids_TK

@@ -8,12 +8,21 @@ routes a token to a subset ``S`` of experts drawn from
 (exact-k routing is ``k_min == k_max == k``). Everything here is exact, with no relaxation:
 
 * the normaliser is a sum of elementary symmetric polynomials ``e_j(exp θ)``, computed by an
-  O(E·k_max) dynamic programme over experts in log space;
-* the marginals ``μ_e = P(e ∈ S) = ∂ log Z / ∂θ_e`` come from autograd on that programme and stay
-  differentiable with respect to the logits;
-* subsets are sampled exactly (size first, then a backward walk over the DP table);
+  O(E·k_max) dynamic programme in linear space with one ``[T, E]`` step per size
+  (:mod:`~pr2_megatron.routing.probmoe.subset_dp`: float64 tables, stable for logits of any
+  spread);
+* the marginals ``μ_e = P(e ∈ S) = ∂ log Z / ∂θ_e`` come from that programme's adjoint pass and
+  stay differentiable with respect to the logits (a hand-written backward: the exact
+  Hessian-vector product of ``log Z``);
+* subsets are sampled exactly (size first, then a backward walk over the DP table, one
+  inverse-CDF look-up per member);
 * the SIMPLE estimator (Ahmed et al., 2023) forwards the hard sampled mask and backpropagates
-  through ``μ``.
+  through ``μ`` (:meth:`SubsetDistribution.straight_through` does so without computing ``μ`` in
+  the forward).
+
+:class:`SubsetDistribution` holds one batch of logits and offers sampling, marginals and SIMPLE
+gates; the functions below are its one-off uses. The previous implementation (a loop over experts
+in log space) is kept in :mod:`~pr2_megatron.routing.probmoe._reference` for tests and benchmarks.
 
 The subset range convention is ``0 ≤ k_min ≤ k_max ≤ E`` with ``k_max ≥ 1``. ``k_min = 0`` is
 allowed: the empty subset is a well-defined outcome (weight ``e_0 = 1``), a sampled row may then be
@@ -26,7 +35,6 @@ Shape-suffix legend:
     T  tokens (rows of the logits)
     E  experts
     K  subset sizes 0..k_max (k_max + 1 entries), or the width of an index list
-    P  expert prefixes 0..E (E + 1 entries): prefix p holds experts 0..p-1
 """
 
 from __future__ import annotations
