@@ -13,7 +13,9 @@ Prints two tables and writes JSON (``--out``, default ``outputs/bench_probmoe.js
    as the median of per-step ratios to top-k. The variants' steps are interleaved (one step of each,
    in rotated order), so a slow phase of the shared machine hits all of them alike.
 2. Router-only cost: forward + backward of one router on a batch of tokens, ProbMoE exact-k
-   against ``TopKRouter``, at the E/k of the tiny model and of OLMoE (64 experts, top-8).
+   against ``TopKRouter`` (and against ProbMoE on its previous DP), at the E/k of the tiny
+   model, of OLMoE (64 experts, top-8) and of DeepSeek-V3 (256, top-8): the rows of
+   ``benchmarks/probmoe_router_cost.py`` for the freshly built routers (thread CPU time).
 
 Run: ``python benchmarks/probmoe_vs_topk.py [--steps 150] [--out outputs/bench_probmoe.json]``.
 """
@@ -168,46 +170,12 @@ def warm_start(steps: int, lr: float, seed: int, threads: int) -> dict:
 
 
 def router_cost(tokens: int, repeats: int, seed: int) -> list[dict]:
-    from pr2_megatron.models.builder import MoEModelConfig, build_gpt_moe
-    from pr2_megatron.routing.probmoe.router import ProbMoEConfig
-    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
+    """The router-only rows of ``probmoe_router_cost.py`` for the freshly built routers."""
+    from probmoe_router_cost import router_rows
 
-    rows = []
-    for experts, topk in ((8, 2), (64, 8)):
-        routers = {}
-        for name, router_kind in (("topk", "topk"), ("probmoe", "probmoe")):
-            initialize_parallel(ParallelConfig(), seed=seed)
-            cfg = MoEModelConfig(
-                num_layers=1, num_experts=experts, topk=topk, expert_ffn_hidden_size=8
-            )
-            kwargs = {"probmoe": ProbMoEConfig(mode="exact-k")} if router_kind == "probmoe" else {}
-            model = build_gpt_moe(cfg, ParallelConfig(), router=router_kind, **kwargs)
-            routers[name] = model.decoder.layers[0].mlp.router
-        hidden = torch.randn(tokens, 1, 64, generator=torch.Generator().manual_seed(seed))
-        coeff = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed + 1))
-
-        def step(router, hidden=hidden, coeff=coeff):
-            probs, _ = router(hidden)
-            (probs * coeff).sum().backward()
-
-        times = {name: [] for name in routers}
-        for repeat in range(repeats + 1):
-            order = list(routers) if repeat % 2 == 0 else list(reversed(routers))
-            for name in order:
-                start = time.perf_counter()
-                step(routers[name])
-                if repeat:  # the first round is warm-up
-                    times[name].append(time.perf_counter() - start)
-        rows.append(
-            {
-                "E": experts,
-                "k": topk,
-                "tokens": tokens,
-                "topk_ms": 1e3 * statistics.median(times["topk"]),
-                "probmoe_ms": 1e3 * statistics.median(times["probmoe"]),
-                "ratio": statistics.median(a / b for a, b in zip(times["probmoe"], times["topk"])),
-            }
-        )
+    rows = router_rows(tokens, repeats, seed, spreads={"init": None})
+    for row in rows:
+        row["ratio"] = row["probmoe_x_topk"]
     return rows
 
 
@@ -277,9 +245,18 @@ def main(argv=None) -> None:
     print("\nRouter only (forward + backward):")
     print(
         _table(
-            ["E", "k", "tokens", "topk ms", "probmoe ms", "x topk"],
+            ["E", "k", "tokens", "topk ms", "previous ms", "probmoe ms", "previous x", "x topk"],
             [
-                [r["E"], r["k"], r["tokens"], r["topk_ms"], r["probmoe_ms"], r["ratio"]]
+                [
+                    r["E"],
+                    r["k"],
+                    r["tokens"],
+                    r["topk_ms"],
+                    r["previous_ms"],
+                    r["probmoe_ms"],
+                    r["previous_x_topk"],
+                    r["ratio"],
+                ]
                 for r in cost
             ],
         )

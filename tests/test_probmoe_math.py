@@ -1,4 +1,5 @@
-"""ProbMoE subset math checked against brute-force enumeration over all subsets.
+"""ProbMoE subset math checked against brute-force enumeration over all subsets, and the
+current DP against the previous one (``routing/probmoe/_reference.py``).
 
 Shape-suffix legend: T tokens, E experts, K sizes or index slots, S enumerated subsets.
 """
@@ -11,7 +12,9 @@ import math
 import pytest
 import torch
 
+from pr2_megatron.routing.probmoe import _reference, subset_dp
 from pr2_megatron.routing.probmoe.subsets import (
+    SubsetDistribution,
     exact_marginals,
     log_partition_by_size,
     log_prob_size,
@@ -434,3 +437,199 @@ def test_k_min_zero_allows_empty_subsets():
     mask_TE, sizes_T = sample_subsets(logits_TE, 0, 2, generator=torch.Generator().manual_seed(0))
     assert (sizes_T == 0).all() and not mask_TE.any()
     assert math.isclose(float(subset_log_partition(logits_TE, 0, 2)[0]), 0.0, abs_tol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Against the previous DP (E-loop in log space, kept in routing/probmoe/_reference.py)
+# --------------------------------------------------------------------------------------------
+
+REF_TOL = 1e-9  # float64: both implementations are exact up to rounding
+
+
+def new_and_previous(logits_TE, k_min, k_max):
+    """(log Z, μ, HVP) of both implementations; HVP = ∂(μ · c)/∂θ for a fixed random c."""
+    coeff_TE = torch.randn(
+        logits_TE.shape, generator=torch.Generator().manual_seed(99), dtype=logits_TE.dtype
+    )
+    out = []
+    for log_z_fn, mu_fn in (
+        (subset_log_partition, exact_marginals),
+        (_reference.reference_subset_log_partition, _reference.reference_exact_marginals),
+    ):
+        theta_TE = logits_TE.clone().requires_grad_(True)
+        mu_TE = mu_fn(theta_TE, k_min, k_max)
+        (hvp_TE,) = torch.autograd.grad((mu_TE * coeff_TE).sum(), theta_TE)
+        out.append((log_z_fn(logits_TE, k_min, k_max), mu_TE.detach(), hvp_TE))
+    return out
+
+
+@pytest.mark.parametrize("num_experts, k", [(8, 2), (64, 8), (256, 8), (16, 1), (12, 12)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_matches_previous_dp_on_random_logits(num_experts, k, dynamic):
+    g = torch.Generator().manual_seed(num_experts + k)
+    logits_TE = torch.cat(
+        [
+            torch.randn(24, num_experts, generator=g, dtype=torch.float64) * 2.0,
+            torch.randn(8, num_experts, generator=g, dtype=torch.float64) * 0.01,
+            torch.zeros(2, num_experts, dtype=torch.float64),  # all ties
+        ]
+    )
+    k_min = max(k - 3, 0) if dynamic else k
+    assert not subset_dp.needs_ordered_path(logits_TE, k)  # the usual (unsorted) path
+    (new_z, new_mu, new_hvp), (old_z, old_mu, old_hvp) = new_and_previous(logits_TE, k_min, k)
+    torch.testing.assert_close(new_z, old_z, rtol=0, atol=REF_TOL)
+    torch.testing.assert_close(new_mu, old_mu, rtol=0, atol=REF_TOL)
+    torch.testing.assert_close(new_hvp, old_hvp, rtol=0, atol=REF_TOL)
+
+
+@pytest.mark.parametrize("num_experts, k", [(8, 2), (32, 8), (64, 8)])
+def test_matches_previous_dp_on_extreme_logits(num_experts, k):
+    # Spreads of 100 and of 2e4: the ordered path. The previous DP's marginals are right there,
+    # its second derivative is NaN (logaddexp backward at underflowing cells), so the new
+    # Hessian-vector product is checked against finite differences of the marginals instead.
+    g = torch.Generator().manual_seed(num_experts)
+    logits_TE = torch.cat(
+        [
+            (torch.rand(6, num_experts, generator=g, dtype=torch.float64) * 2 - 1) * 50,
+            torch.full((1, num_experts), 50.0, dtype=torch.float64),
+            torch.randn(4, num_experts, generator=g, dtype=torch.float64) * 2,
+        ]
+    )
+    logits_TE[-4:, ::3] = -1e4  # masked-like experts
+    assert subset_dp.needs_ordered_path(logits_TE, k)
+    for k_min in (k, 1):
+        (new_z, new_mu, new_hvp), (old_z, old_mu, _) = new_and_previous(logits_TE, k_min, k)
+        torch.testing.assert_close(new_z, old_z, rtol=1e-12, atol=REF_TOL)
+        torch.testing.assert_close(new_mu, old_mu, rtol=0, atol=REF_TOL)
+        assert torch.isfinite(new_hvp).all()
+    theta_TE = logits_TE[:6].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: exact_marginals(x, k, k), (theta_TE,))
+
+
+def test_minus_inf_logits_exclude_their_experts():
+    g = torch.Generator().manual_seed(21)
+    logits_TE = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    logits_TE[:, [2, 7]] = float("-inf")
+    keep = [e for e in range(10) if e not in (2, 7)]
+    for k_min, k_max in [(3, 3), (1, 4)]:
+        mu_TE = exact_marginals(logits_TE, k_min, k_max)
+        assert (mu_TE[:, [2, 7]] == 0).all()
+        ref_mu_TE = _reference.reference_exact_marginals(logits_TE[:, keep], k_min, k_max)
+        torch.testing.assert_close(mu_TE[:, keep], ref_mu_TE, rtol=0, atol=REF_TOL)
+        torch.testing.assert_close(
+            subset_log_partition(logits_TE, k_min, k_max),
+            _reference.reference_subset_log_partition(logits_TE[:, keep], k_min, k_max),
+            rtol=0,
+            atol=REF_TOL,
+        )
+        theta_TE = logits_TE.clone().requires_grad_(True)
+        (hvp_TE,) = torch.autograd.grad(
+            exact_marginals(theta_TE, k_min, k_max)[:, 0].sum(), theta_TE
+        )
+        assert torch.isfinite(hvp_TE).all() and (hvp_TE[:, [2, 7]] == 0).all()
+        mask_TE, _ = sample_subsets(logits_TE, k_min, k_max, generator=g)
+        assert not mask_TE[:, [2, 7]].any()
+
+
+def test_float32_logits_match_the_exact_result_within_1e_6():
+    # float32 logits: the tables are float64, so the result is the exact one rounded to float32
+    # (the previous DP ran in float32 and was off by up to a few 1e-6 at E = 256).
+    g = torch.Generator().manual_seed(22)
+    logits_TE = torch.randn(64, 256, generator=g) * 2
+    exact_TE = _reference.reference_exact_marginals(logits_TE.double(), 8, 8)
+    torch.testing.assert_close(
+        exact_marginals(logits_TE, 8, 8).double(), exact_TE, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        subset_log_partition(logits_TE, 8, 8).double(),
+        _reference.reference_subset_log_partition(logits_TE.double(), 8, 8),
+        rtol=1e-6,
+        atol=0,
+    )
+
+
+def test_no_tokens():
+    logits_TE = torch.zeros(0, 6, requires_grad=True)
+    assert exact_marginals(logits_TE, 2, 2).shape == (0, 6)
+    assert subset_log_partition(logits_TE, 1, 3).shape == (0,)
+    assert log_partition_by_size(logits_TE, 3).shape == (0, 4)
+    mask_TE, sizes_T = sample_subsets(logits_TE, 1, 3)
+    assert mask_TE.shape == (0, 6) and sizes_T.shape == (0,)
+    (grad_TE,) = torch.autograd.grad(exact_marginals(logits_TE, 2, 2).sum(), logits_TE)
+    assert grad_TE.shape == (0, 6)
+
+
+def test_k_one_is_softmax_and_k_all_is_certain():
+    logits_TE = random_logits(6, seed=23).requires_grad_(True)
+    torch.testing.assert_close(
+        exact_marginals(logits_TE, 1, 1), torch.softmax(logits_TE, -1), rtol=0, atol=TOL
+    )
+    mu_TE = exact_marginals(logits_TE, 6, 6)
+    torch.testing.assert_close(mu_TE, torch.ones_like(mu_TE), rtol=0, atol=TOL)
+    (hvp_TE,) = torch.autograd.grad(mu_TE[:, 1].sum(), logits_TE)
+    torch.testing.assert_close(hvp_TE, torch.zeros_like(hvp_TE), rtol=0, atol=TOL)
+    mask_TE, _ = sample_subsets(logits_TE, 6, 6)
+    assert mask_TE.all()
+
+
+def test_blocks_of_rows_do_not_change_the_result(monkeypatch):
+    g = torch.Generator().manual_seed(24)
+    logits_TE = torch.randn(50, 20, generator=g, dtype=torch.float64) * 2
+    coeff_TE = torch.randn(50, 20, generator=g, dtype=torch.float64)
+
+    def run():
+        theta_TE = logits_TE.clone().requires_grad_(True)
+        mu_TE = exact_marginals(theta_TE, 1, 5)
+        (hvp_TE,) = torch.autograd.grad((mu_TE * coeff_TE).sum(), theta_TE)
+        return mu_TE.detach(), hvp_TE
+
+    whole = run()
+    monkeypatch.setattr(subset_dp, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(subset_dp, "_BLOCK_CELLS", 0)
+    assert len(subset_dp.row_blocks(50, 20, logits_TE.device)) == 8
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_straight_through_gate_equals_simple_of_exact_marginals():
+    g = torch.Generator().manual_seed(25)
+    logits_TE = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    weights_TE = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    for k_min, k_max in [(3, 3), (1, 4)]:
+        theta_TE = logits_TE.clone().requires_grad_(True)
+        distribution = SubsetDistribution(theta_TE, k_min, k_max)
+        mask_TE, sizes_T, ids_TK = distribution.sample(g)
+        assert torch.equal(ids_TK, mask_to_indices(mask_TE, k_max))
+        assert torch.equal(mask_TE.sum(-1), sizes_T)
+        gate_TE = distribution.straight_through(mask_TE)
+        assert torch.equal(gate_TE, mask_TE.double())
+        (got,) = torch.autograd.grad((gate_TE * weights_TE).sum(), theta_TE)
+        reference_TE = simple_straight_through(mask_TE, exact_marginals(theta_TE, k_min, k_max))
+        (want,) = torch.autograd.grad((reference_TE * weights_TE).sum(), theta_TE)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("k_min, k_max", [(2, 2), (1, 3)])
+def test_ordered_path_samples_follow_the_distribution(k_min, k_max):
+    # A spread of 360: sampled on the ordered path (largest logits first, then all experts).
+    logits_E = torch.tensor([60.0, 59.5, 60.3, -300.0, 59.0, 0.0], dtype=torch.float64)
+    assert subset_dp.needs_ordered_path(logits_E[None], k_max)
+    _, _, counts_S, probs_S, _ = empirical_vs_exact(logits_E, k_min, k_max, n=20000, seed=26)
+    keep_S = probs_S > 1e-12  # subsets of non-negligible probability
+    assert int(counts_S[~keep_S].sum()) == 0
+    assert_frequencies_match(counts_S[keep_S], probs_S[keep_S])
+
+
+def test_sampling_is_distributed_like_the_previous_sampler():
+    # Same distribution, different draws: the previous walk used one uniform per expert, the
+    # new one one uniform per member. Both against the enumerated distribution, same data.
+    logits_E = torch.tensor([0.8, -0.5, 0.1, 1.2, -1.0, 0.4], dtype=torch.float64)
+    ref = brute_force(logits_E[None], 1, 3)
+    in_range_S = torch.isfinite(ref["log_p"][0])
+    ids_S = subset_ids(ref["mask"].bool())[in_range_S]
+    probs_S = ref["log_p"][0][in_range_S].exp()
+    for sampler in (sample_subsets, _reference.reference_sample_subsets):
+        mask_TE, _ = sampler(logits_E.expand(20000, -1), 1, 3, torch.Generator().manual_seed(27))
+        counts_S = (subset_ids(mask_TE)[:, None] == ids_S[None]).sum(0)
+        assert int(counts_S.sum()) == 20000
+        assert_frequencies_match(counts_S, probs_S)

@@ -8,8 +8,10 @@ token to a subset ``S`` of experts drawn from
 
 ``k_lo = k_hi = k`` for ``exact-k`` (k = the model's ``moe_router_topk``) and ``[k_min, k_max]`` for
 ``dynamic-k``. Everything is exact (:mod:`pr2_megatron.routing.probmoe.subsets`): the normaliser is
-an O(E·k) dynamic programme in log space, subsets are sampled exactly by a backward walk through the
-DP table, and the inclusion marginals ``μ_e = P(e ∈ S)`` are the gradient of ``log Z``.
+an O(E·k) dynamic programme (linear space, float64, one tensor step per subset size), subsets are
+sampled exactly by a backward walk through the DP table, and the inclusion marginals
+``μ_e = P(e ∈ S)`` are the gradient of ``log Z`` (with SIMPLE gates only the backward computes
+them).
 
 Which experts (the live choice; replay, prediction and recompute dispatch a given subset):
 
@@ -63,10 +65,9 @@ import torch
 
 from pr2_megatron.errors import RouteError
 from pr2_megatron.routing.probmoe.subsets import (
+    SubsetDistribution,
     exact_marginals,
     mask_to_indices,
-    sample_subsets,
-    simple_straight_through,
 )
 from pr2_megatron.routing.router import PR2Router, PR2RouterConfig
 
@@ -154,9 +155,12 @@ def padded_route_ids(mask_TE: torch.Tensor, width: int) -> torch.Tensor:
     rows are equal as sets exactly when their subsets are; every row holds ``width`` distinct
     ids.
     """
-    num_experts = mask_TE.shape[1]
-    ids_TK = mask_to_indices(mask_TE, width, pad=-1)
-    slot_TK = torch.arange(num_experts, num_experts + width, device=ids_TK.device)
+    return fill_empty_slots(mask_to_indices(mask_TE, width, pad=-1), mask_TE.shape[1])
+
+
+def fill_empty_slots(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Route ids of expert ids ``[T, K]`` (ascending, -1 padded): empty slot j gets id E + j."""
+    slot_TK = torch.arange(num_experts, num_experts + ids_TK.shape[1], device=ids_TK.device)
     return torch.where(ids_TK < 0, slot_TK.expand_as(ids_TK), ids_TK)
 
 
@@ -237,21 +241,22 @@ class ProbMoERouter(PR2Router):
             logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask.reshape(-1))
         theta_TE = self._theta(logits_TE)
 
+        distribution = None  # built when sampling; the gates reuse it (its DP path decision)
         if target_TK is None:
-            sampling = self.is_sampling  # reads the autograd mode: outside no_grad
-            with torch.no_grad():
-                if sampling:
-                    mask_TE, _ = sample_subsets(
-                        theta_TE.detach(), self.k_lo, self.k_hi, self._sampling_generator(theta_TE)
-                    )
-                else:
+            if self.is_sampling:  # reads the autograd mode: outside no_grad
+                distribution = SubsetDistribution(theta_TE, self.k_lo, self.k_hi)
+                generator = self._sampling_generator(theta_TE)
+                mask_TE, _, ids_TK = distribution.sample(generator)
+                chosen_TK = fill_empty_slots(ids_TK, self.num_experts)
+            else:
+                with torch.no_grad():
                     mask_TE = self._deterministic_mask(theta_TE.detach())
-            chosen_TK = padded_route_ids(mask_TE, self.topk)
+                chosen_TK = padded_route_ids(mask_TE, self.topk)
         else:
             chosen_TK = target_TK.to(logits_TE.device, torch.long)
             mask_TE = self._target_mask(chosen_TK)
 
-        probs_TE = self._gates(theta_TE, mask_TE).to(logits_TE.dtype)
+        probs_TE = self._gates(theta_TE, mask_TE, distribution).to(logits_TE.dtype)
         return probs_TE, mask_TE, chosen_TK
 
     def _theta(self, logits_TE: torch.Tensor) -> torch.Tensor:
@@ -261,23 +266,30 @@ class ProbMoERouter(PR2Router):
         temperature = self.probmoe_config.temperature
         return theta_TE / temperature if temperature != 1.0 else theta_TE
 
-    def _gates(self, theta_TE: torch.Tensor, mask_TE: torch.Tensor) -> torch.Tensor:
-        """Gate weights at the chosen experts (see the module docstring), zero elsewhere."""
+    def _gates(
+        self,
+        theta_TE: torch.Tensor,
+        mask_TE: torch.Tensor,
+        distribution: Optional[SubsetDistribution] = None,
+    ) -> torch.Tensor:
+        """Gate weights at the chosen experts (see the module docstring), zero elsewhere.
+
+        ``distribution``: the subset distribution of ``theta_TE`` when the caller built it.
+        """
         cfg = self.probmoe_config
         needs_grad = torch.is_grad_enabled() and theta_TE.requires_grad
         mask_f_TE = mask_TE.to(theta_TE.dtype)
+        if distribution is None and (needs_grad or cfg.gate == "marginal"):
+            distribution = SubsetDistribution(theta_TE, self.k_lo, self.k_hi)
         if cfg.gate == "simple":
-            if needs_grad:
-                marginals_TE = exact_marginals(theta_TE, self.k_lo, self.k_hi)
-                gates_TE = simple_straight_through(mask_TE, marginals_TE) * mask_f_TE
+            if needs_grad:  # simple_straight_through(mask, μ), μ computed only in the backward
+                gates_TE = distribution.straight_through(mask_TE) * mask_f_TE
             else:
                 gates_TE = mask_f_TE  # forward value of the straight-through gate
             if cfg.normalize_gates:
                 gates_TE = gates_TE / mask_f_TE.sum(dim=-1, keepdim=True).clamp(min=1.0)
         else:
-            marginals_TE = exact_marginals(
-                theta_TE if needs_grad else theta_TE.detach(), self.k_lo, self.k_hi
-            )
+            marginals_TE = distribution.marginals()  # differentiable exactly when needs_grad
             gates_TE = marginals_TE * mask_f_TE
             if cfg.normalize_gates:
                 total_T1 = gates_TE.sum(dim=-1, keepdim=True)

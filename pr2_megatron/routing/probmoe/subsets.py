@@ -8,12 +8,21 @@ routes a token to a subset ``S`` of experts drawn from
 (exact-k routing is ``k_min == k_max == k``). Everything here is exact, with no relaxation:
 
 * the normaliser is a sum of elementary symmetric polynomials ``e_j(exp θ)``, computed by an
-  O(E·k_max) dynamic programme over experts in log space;
-* the marginals ``μ_e = P(e ∈ S) = ∂ log Z / ∂θ_e`` come from autograd on that programme and stay
-  differentiable with respect to the logits;
-* subsets are sampled exactly (size first, then a backward walk over the DP table);
+  O(E·k_max) dynamic programme in linear space with one ``[T, E]`` step per size
+  (:mod:`~pr2_megatron.routing.probmoe.subset_dp`: float64 tables, stable for logits of any
+  spread);
+* the marginals ``μ_e = P(e ∈ S) = ∂ log Z / ∂θ_e`` come from that programme's adjoint pass and
+  stay differentiable with respect to the logits (a hand-written backward: the exact
+  Hessian-vector product of ``log Z``);
+* subsets are sampled exactly (size first, then a backward walk over the DP table, one
+  inverse-CDF look-up per member);
 * the SIMPLE estimator (Ahmed et al., 2023) forwards the hard sampled mask and backpropagates
-  through ``μ``.
+  through ``μ`` (:meth:`SubsetDistribution.straight_through` does so without computing ``μ`` in
+  the forward).
+
+:class:`SubsetDistribution` holds one batch of logits and offers sampling, marginals and SIMPLE
+gates; the functions below are its one-off uses. The previous implementation (a loop over experts
+in log space) is kept in :mod:`~pr2_megatron.routing.probmoe._reference` for tests and benchmarks.
 
 The subset range convention is ``0 ≤ k_min ≤ k_max ≤ E`` with ``k_max ≥ 1``. ``k_min = 0`` is
 allowed: the empty subset is a well-defined outcome (weight ``e_0 = 1``), a sampled row may then be
@@ -26,15 +35,19 @@ Shape-suffix legend:
     T  tokens (rows of the logits)
     E  experts
     K  subset sizes 0..k_max (k_max + 1 entries), or the width of an index list
-    P  expert prefixes 0..E (E + 1 entries): prefix p holds experts 0..p-1
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from pr2_megatron.routing.probmoe import subset_dp
+from pr2_megatron.routing.probmoe.subset_dp import SubsetDP
 
 __all__ = [
+    "SubsetDistribution",
     "exact_marginals",
     "log_partition_by_size",
     "log_prob_size",
@@ -83,35 +96,43 @@ def _dp_input(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The dynamic programme
+# The dynamic programme (pr2_megatron.routing.probmoe.subset_dp)
 # --------------------------------------------------------------------------------------------
 
 
-def _log_esp_prefixes(theta_TE: torch.Tensor, k_max: int) -> list[torch.Tensor]:
-    """Return ``[row_p for p in 0..E]``, ``row_p[t, j] = log e_j(exp θ_t[0:p])`` of shape [T, K].
+class _ExactMarginals(torch.autograd.Function):
+    """``μ(θ)`` with a hand-written backward: the exact Hessian-vector product of ``log Z``."""
 
-    Recurrence over experts: ``e_j(x_0..x_p) = e_j(x_0..x_{p-1}) + x_p · e_{j-1}(x_0..x_{p-1})``.
-    Cells with ``j > p`` are impossible (-inf). They are never fed to ``logaddexp``: its backward,
-    ``exp(a - out)``, is NaN at ``a = out = -inf`` and the NaN would reach the logits even through a
-    zero upstream gradient. So each step only combines finite cells, the new top cell
-    ``j = p + 1`` is a plain add, and the -inf tail is a constant carried along.
+    @staticmethod
+    def forward(ctx, theta_TE, k_min, k_max, ordered):
+        ctx.save_for_backward(theta_TE)
+        ctx.sizes = (k_min, k_max, ordered)
+        return subset_dp.marginals(theta_TE, k_min, k_max, ordered)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TE):
+        (theta_TE,) = ctx.saved_tensors
+        return subset_dp.hvp(theta_TE, grad_TE, *ctx.sizes), None, None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The SIMPLE gate: forward the hard mask, backward through the exact marginals.
+
+    The marginals' values never enter the forward, so only the backward runs the DP.
     """
-    num_tokens, num_experts = theta_TE.shape
-    row_TK = theta_TE.new_full((num_tokens, k_max + 1), float("-inf"))
-    row_TK[:, 0] = 0.0  # e_0 = 1 for every prefix, including the empty one
-    rows = [row_TK]
-    for e in range(num_experts):
-        theta_T1 = theta_TE[:, e : e + 1]
-        finite = min(e, k_max)  # sizes 1..finite are finite in both the old row and its shift
-        parts = [row_TK[:, :1]]
-        if finite >= 1:
-            parts.append(torch.logaddexp(row_TK[:, 1 : finite + 1], row_TK[:, :finite] + theta_T1))
-        if e + 1 <= k_max:
-            parts.append(row_TK[:, e : e + 1] + theta_T1)  # e_{p}(x_0..x_{p-1}) = Π x
-            parts.append(row_TK[:, e + 2 :])  # still impossible: -inf constants
-        row_TK = torch.cat(parts, dim=1)
-        rows.append(row_TK)
-    return rows
+
+    @staticmethod
+    def forward(ctx, theta_TE, mask_TE, k_min, k_max, ordered):
+        ctx.save_for_backward(theta_TE)
+        ctx.sizes = (k_min, k_max, ordered)
+        return mask_TE.to(theta_TE.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_TE):
+        (theta_TE,) = ctx.saved_tensors
+        return subset_dp.hvp(theta_TE, grad_TE, *ctx.sizes), None, None, None, None
 
 
 def log_partition_by_size(logits_TE: torch.Tensor, k_max: int) -> torch.Tensor:
@@ -121,9 +142,10 @@ def log_partition_by_size(logits_TE: torch.Tensor, k_max: int) -> torch.Tensor:
     unnormalised mass of all size-``j`` subsets. ``out[:, 0] = 0``; sizes ``j > E`` are impossible
     and are ``-inf`` (``k_max > E`` is accepted here, unlike in the subset-level functions).
 
-    Computed by a dynamic programme over experts in log space: O(E·k_max) per token, vectorised
-    over tokens, stable for logits of any magnitude (±50 and beyond). Differentiable (twice) with
-    respect to the logits. Half-precision logits are computed in float32.
+    Computed by a dynamic programme in linear space with one ``[T, E]`` step per size
+    (:mod:`~pr2_megatron.routing.probmoe.subset_dp`): O(E·k_max) per token, stable for logits of
+    any magnitude (±50 and beyond; ``-inf`` logits exclude their expert). Differentiable (twice)
+    with respect to the logits. Half-precision logits are computed in float32.
 
     Args:
         logits_TE: Bernoulli logits θ, shape [T, E].
@@ -136,7 +158,20 @@ def log_partition_by_size(logits_TE: torch.Tensor, k_max: int) -> torch.Tensor:
     _check_logits(logits_TE)
     if k_max < 0:
         raise ValueError(f"k_max={k_max} must be >= 0")
-    return _log_esp_prefixes(_dp_input(logits_TE), k_max)[-1]
+    return _log_esp(_dp_input(logits_TE), k_max)
+
+
+def _log_esp(theta_TE: torch.Tensor, k_max: int) -> torch.Tensor:
+    """``log e_j`` for sizes 0..k_max [T, K]; sizes above E are -inf."""
+    num_tokens, num_experts = theta_TE.shape
+    computed = min(k_max, num_experts)
+    if computed == 0:
+        log_esp_TK = theta_TE.new_zeros((num_tokens, 1))  # e_0 = 1, a constant
+    else:
+        log_esp_TK = SubsetDP(theta_TE, 0, computed).log_esp_TK.to(theta_TE.dtype)
+    if k_max > computed:
+        log_esp_TK = F.pad(log_esp_TK, (0, k_max - computed), value=float("-inf"))
+    return log_esp_TK
 
 
 def log_prob_size(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,7 +193,7 @@ def log_prob_size(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 <= k <= num_experts:
         raise ValueError(f"k={k} must be in [0, E={num_experts}]")
     theta_TE = _dp_input(logits_TE)
-    log_esp_T = _log_esp_prefixes(theta_TE, k)[-1][:, k]
+    log_esp_T = _log_esp(theta_TE, k)[:, k]
     # log(1 + exp θ) as logaddexp(θ, 0): F.softplus goes linear above θ = 20 and drops exp(−θ).
     log_one_plus_TE = torch.logaddexp(theta_TE, torch.zeros_like(theta_TE))
     return log_esp_T - log_one_plus_TE.sum(dim=-1)
@@ -168,7 +203,7 @@ def subset_log_partition(logits_TE: torch.Tensor, k_min: int, k_max: int) -> tor
     """Log normaliser of the cardinality-constrained subset distribution.
 
     ``log Z = log Σ_{j=k_min..k_max} e_j(exp θ)`` (exact-k: ``log e_k``). Its gradient is the
-    vector of inclusion marginals (see :func:`exact_marginals`).
+    vector of inclusion marginals (see :func:`exact_marginals`); differentiable twice.
 
     Args:
         logits_TE: Bernoulli logits θ, shape [T, E].
@@ -181,8 +216,8 @@ def subset_log_partition(logits_TE: torch.Tensor, k_min: int, k_max: int) -> tor
     """
     _check_logits(logits_TE)
     _check_size_range(k_min, k_max, logits_TE.shape[1])
-    log_esp_TK = _log_esp_prefixes(_dp_input(logits_TE), k_max)[-1]
-    return torch.logsumexp(log_esp_TK[:, k_min:], dim=-1)
+    theta_TE = _dp_input(logits_TE)
+    return SubsetDP(theta_TE, k_min, k_max).log_z_T.to(theta_TE.dtype)
 
 
 def subset_log_prob(
@@ -216,14 +251,71 @@ def subset_log_prob(
     return torch.where(in_range_T, score_T - log_z_T, torch.full_like(log_z_T, float("-inf")))
 
 
+class SubsetDistribution:
+    """The subset distribution of a batch of logits: sampling, marginals and SIMPLE gates.
+
+    ``p(S) ∝ Π_{e∈S} exp θ_e`` restricted to ``k_min <= |S| <= k_max``, per row.
+    :func:`sample_subsets` and :func:`exact_marginals` are this class used once. It decides the
+    DP's path for all rows once (:func:`~.subset_dp.needs_ordered_path`, one host
+    synchronisation), and offers :meth:`straight_through`, the SIMPLE gate whose forward needs
+    no DP at all (the ProbMoE router samples, then backpropagates through the marginals).
+
+    Args:
+        logits_TE: Bernoulli logits θ, shape [T, E] (half precision is computed in float32).
+        k_min: smallest allowed subset size, as in :func:`subset_log_partition`.
+        k_max: largest allowed subset size, as in :func:`subset_log_partition`.
+
+    """
+
+    def __init__(self, logits_TE: torch.Tensor, k_min: int, k_max: int) -> None:
+        _check_logits(logits_TE)
+        _check_size_range(k_min, k_max, logits_TE.shape[1])
+        self.k_min, self.k_max = k_min, k_max
+        self.theta_TE = _dp_input(logits_TE)
+        self.ordered = subset_dp.needs_ordered_path(self.theta_TE.detach(), k_max)
+
+    def _differentiable(self) -> bool:
+        return torch.is_grad_enabled() and self.theta_TE.requires_grad
+
+    def marginals(self) -> torch.Tensor:
+        """Exact inclusion marginals ``μ`` [T, E], as :func:`exact_marginals`."""
+        if self._differentiable():
+            return _ExactMarginals.apply(self.theta_TE, self.k_min, self.k_max, self.ordered)
+        return subset_dp.marginals(self.theta_TE.detach(), self.k_min, self.k_max, self.ordered)
+
+    def straight_through(self, mask_TE: torch.Tensor) -> torch.Tensor:
+        """``simple_straight_through(mask, exact_marginals(θ))`` without computing ``μ``.
+
+        Forward value: the mask as 0/1 in the logits' (DP) dtype; gradient: ``∂μ/∂θ``.
+        """
+        if self._differentiable():
+            sizes = (self.k_min, self.k_max, self.ordered)
+            return _StraightThrough.apply(self.theta_TE, mask_TE, *sizes)
+        return mask_TE.to(self.theta_TE.dtype)
+
+    @torch.no_grad()
+    def sample(
+        self, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One exact draw per row, as :func:`sample_subsets`: ``(mask_TE, sizes_T, ids_TK)``.
+
+        ``ids_TK`` [T, k_max] lists each row's experts ascending, right-padded with -1 (what
+        :func:`mask_to_indices` returns for the mask).
+        """
+        theta_TE = self.theta_TE.detach()
+        return subset_dp.sample(theta_TE, self.k_min, self.k_max, self.ordered, generator)
+
+
 def exact_marginals(logits_TE: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
     """Exact inclusion marginals ``μ_e = P(e ∈ S)`` of the constrained subset distribution.
 
     ``μ_e = Σ_{S∋e} p(S) = ∂ log Z / ∂θ_e`` with ``log Z`` from :func:`subset_log_partition`,
-    obtained by autograd on the DP. When the logits require grad the derivative is taken with
-    ``create_graph=True``, so ``μ`` is itself differentiable with respect to the logits
-    (``∂μ_e/∂θ_f = Cov(1[e∈S], 1[f∈S])``) and gradients flow on to whatever produced the logits.
-    Works under ``torch.no_grad()`` too (the DP graph is built locally).
+    computed by the adjoint (backward) pass of the DP. When autograd is on and the logits require
+    grad, ``μ`` is differentiable with respect to the logits (``∂μ_e/∂θ_f = Cov(1[e∈S],
+    1[f∈S])``), through a hand-written backward: the exact Hessian-vector product of ``log Z``,
+    itself not differentiable again (for higher derivatives, differentiate
+    :func:`subset_log_partition` with ``create_graph=True``). Gradients flow on to whatever
+    produced the logits. Under ``torch.no_grad()`` the result carries no graph.
 
     ``Σ_e μ_e = E[|S|]``, which is ``k`` for exact-k routing. With ``k_min = 0, k_max = E`` the
     constraint vanishes and ``μ = sigmoid(θ)``.
@@ -237,21 +329,9 @@ def exact_marginals(logits_TE: torch.Tensor, k_min: int, k_max: int) -> torch.Te
         Tensor [T, E] (float32 for half-precision logits, else the logits' dtype).
 
     """
-    _check_logits(logits_TE)
-    _check_size_range(k_min, k_max, logits_TE.shape[1])
-    differentiable = logits_TE.requires_grad
-    with torch.enable_grad():
-        if differentiable:
-            theta_TE = _dp_input(logits_TE)  # stays in the caller's graph
-        else:
-            theta_TE = _dp_input(logits_TE.detach()).requires_grad_(True)
-        log_z_T = subset_log_partition(theta_TE, k_min, k_max)
-        # Rows are independent, so the gradient of the sum is the per-row gradient.
-        (marginals_TE,) = torch.autograd.grad(log_z_T.sum(), theta_TE, create_graph=differentiable)
-    return marginals_TE
+    return SubsetDistribution(logits_TE, k_min, k_max).marginals()
 
 
-@torch.no_grad()
 def sample_subsets(
     logits_TE: torch.Tensor,
     k_min: int,
@@ -262,15 +342,17 @@ def sample_subsets(
 
     Two stages, both exact:
 
-    1. the size: ``P(|S| = j) = e_j(exp θ) / Z`` for ``j`` in ``[k_min, k_max]``;
-    2. given the size, walk the DP table backwards from the last expert to the first. With
-       ``r`` experts still to pick among experts ``0..e``, include expert ``e`` with probability
-       ``exp(θ_e + log e_{r-1}(θ_{0..e-1}) − log e_r(θ_{0..e}))``; when ``r = e + 1`` every
-       remaining expert must be picked and inclusion is forced (which also guards against
-       rounding).
+    1. the size: ``P(|S| = j) = e_j(exp θ) / Z`` for ``j`` in ``[k_min, k_max]`` (exact-k: ``k``,
+       no draw);
+    2. given the size, walk the DP table backwards, one member per step: with ``r`` members
+       still to pick among the first ``p`` positions, the last of them is position ``q`` with
+       probability ``exp(θ_q) · e_{r-1}(θ_{0..q-1}) / e_r(θ_{0..p-1})``, drawn by inverse CDF
+       from one uniform (``k_max`` uniforms per token, drawn up front).
 
-    Vectorised over tokens; the only Python loop runs over experts. Not differentiable (use
-    :func:`exact_marginals` with :func:`simple_straight_through` for the gradient).
+    Vectorised over tokens; the only Python loop runs over sizes. Not differentiable (use
+    :func:`exact_marginals` with :func:`simple_straight_through` for the gradient). For a given
+    generator the draws differ from those of the previous per-expert walk (one uniform per
+    expert, ``_reference.reference_sample_subsets``); the distribution is the same.
 
     Args:
         logits_TE: Bernoulli logits θ, shape [T, E].
@@ -283,32 +365,7 @@ def sample_subsets(
         and the sampled sizes (int64).
 
     """
-    _check_logits(logits_TE)
-    num_tokens, num_experts = logits_TE.shape
-    _check_size_range(k_min, k_max, num_experts)
-    theta_TE = _dp_input(logits_TE.detach())
-    log_esp_TPK = torch.stack(_log_esp_prefixes(theta_TE, k_max), dim=1)
-
-    # Stage 1: the size, from the last prefix (all experts) restricted to [k_min, k_max].
-    size_probs_TK = torch.softmax(log_esp_TPK[:, num_experts, k_min:], dim=-1)
-    sizes_T = torch.multinomial(size_probs_TK, 1, generator=generator).squeeze(1) + k_min
-
-    # Stage 2: backward walk. One uniform per (token, expert), drawn up front.
-    uniform_TE = torch.rand(
-        (num_tokens, num_experts), generator=generator, dtype=theta_TE.dtype, device=theta_TE.device
-    )
-    mask_TE = torch.zeros((num_tokens, num_experts), dtype=torch.bool, device=theta_TE.device)
-    remaining_T = sizes_T.clone()
-    for e in reversed(range(num_experts)):
-        # Invariant: remaining <= e + 1, so both table cells below are finite.
-        prev_idx_T1 = (remaining_T - 1).clamp(min=0).unsqueeze(1)
-        log_without_T = log_esp_TPK[:, e].gather(1, prev_idx_T1).squeeze(1)
-        log_with_T = log_esp_TPK[:, e + 1].gather(1, remaining_T.unsqueeze(1)).squeeze(1)
-        include_prob_T = torch.exp(theta_TE[:, e] + log_without_T - log_with_T)
-        forced_T = remaining_T > e  # remaining == e + 1: experts 0..e must all be taken
-        include_T = (remaining_T > 0) & (forced_T | (uniform_TE[:, e] < include_prob_T))
-        mask_TE[:, e] = include_T
-        remaining_T = remaining_T - include_T.long()
+    mask_TE, sizes_T, _ = SubsetDistribution(logits_TE, k_min, k_max).sample(generator)
     return mask_TE, sizes_T
 
 
