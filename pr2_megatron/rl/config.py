@@ -230,6 +230,10 @@ class CheckpointConfig:
     resume: bool = True
     #: Complete checkpoints kept (older ones are deleted after a new one is complete).
     keep: int = 2
+    #: At the end of the run (not on a signal stop), write the model as a Hugging Face
+    #: checkpoint into this directory (None: no export): config.json (``model.hf_checkpoint``'s
+    #: when set, else generated) + safetensors, one file per writing rank with an index.
+    export_hf: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.interval < 0:

@@ -106,6 +106,10 @@ class Trainer:
         self.model = build_gpt_moe(
             cfg.model, cfg.parallel, cfg.router.pr2, router=cfg.router.kind, **kwargs
         )
+        if cfg.model.hf_checkpoint:  # pretrained weights (models/hf: checked, read per rank)
+            from pr2_megatron.models.hf import load_hf_checkpoint
+
+            load_hf_checkpoint(self.model, cfg.model, cfg.model.hf_checkpoint)
         # Megatron's stock router (router.kind=topk, replay.mode=none) has nothing to control.
         self.controller = None
         self.path = None
@@ -620,6 +624,12 @@ class Trainer:
             print(f"pr2-train: stopping on signal after step {self.step}", flush=True)
         elif not stop and self.rank0 and ckpt.dir:
             (Path(ckpt.dir) / STOPPED_BY_SIGNAL).unlink(missing_ok=True)
+        if ckpt.export_hf and not stop:  # collective; rank 0 writes config.json last
+            from pr2_megatron.models.hf import export_hf_checkpoint
+
+            export_hf_checkpoint(
+                self.model, self.cfg.model, ckpt.export_hf, self.cfg.model.hf_checkpoint
+            )
         self.log.close()
         return 0
 
