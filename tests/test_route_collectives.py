@@ -5,6 +5,8 @@
   E <= 256, E > 256 and E > 32767.
 * One collective per micro-batch for all layers (routes, sample ids and lengths together), for
   2 and 4 MoE layers on 1, 2 and 4 ranks.
+* A bad route or length on one rank of a data-parallel x sequence-parallel grid makes every
+  rank raise the same error (the data-parallel statuses ride in the route buffer).
 * Padding tokens get routes spread over the experts and expert-parallel ranks (distinct per
   row, never in the table, never counted).
 """
@@ -129,10 +131,66 @@ def test_one_collective_per_micro_batch(world_size):
     for calls_by_layers in results:
         for num_layers, calls in calls_by_layers.items():
             # Per micro-batch (3 forwards): one data-parallel all-gather of routes, plain
-            # routes, sample ids and lengths together (none on one rank); per table: one small
-            # exchange of the route checks' statuses.
-            expected = 0 if world_size == 1 else 3 + 1
+            # routes, sample ids, lengths and the route checks' status together (none on one
+            # rank); nothing else (the statuses ride in the last forward's buffer).
+            expected = 0 if world_size == 1 else 3
             assert len(calls) == expected, (num_layers, calls)
+
+
+def _gather_with_one_bad_rank(bad_rank, kind, tp_size):
+    """4 ranks: data groups {r, r + TP...}, SP groups of ``tp_size``; ``bad_rank`` breaks."""
+    from pr2_megatron.errors import RouteError
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp_group = dp_group = None
+    for start in range(0, world, tp_size):  # every rank creates every group, in one order
+        group = dist.new_group(list(range(start, start + tp_size)))
+        tp_group = group if start <= rank < start + tp_size else tp_group
+    for offset in range(tp_size):
+        group = dist.new_group(list(range(offset, world, tp_size)))
+        dp_group = group if rank % tp_size == offset else dp_group
+    batch, seq, local_seq = 2, 8, 8 // tp_size
+    dp_rank = rank // tp_size
+    routes = [
+        _routes(local_seq * batch, 2, 2, 8, seed=rank * 10 + f).to(torch.long) for f in range(2)
+    ]
+    lengths = [[seq, seq - 1] for _ in range(2)]
+    if rank == bad_rank and kind == "range":
+        routes[1][3, 1, 0] = 8  # forward 1, token row 3 (position 1 of sample 1), layer 2
+    if rank == bad_rank and kind == "length":
+        lengths[0][1] = seq + 5
+    ids = [[(f * 10 + dp_rank) * batch + b for b in range(batch)] for f in range(2)]
+    try:
+        gather_route_table(
+            routes, ids, layer_numbers=[1, 2], num_experts=8, topk=2,
+            lengths_per_forward=lengths, data_group=dp_group,
+            tp_group=tp_group if tp_size > 1 else None, sequence_parallel=tp_size > 1,
+        )  # fmt: skip
+    except RouteError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize(
+    "kind,tp_size,bad_rank", [("range", 1, 3), ("range", 2, 3), ("length", 2, 0)]
+)
+def test_a_bad_route_on_one_rank_raises_the_same_error_on_every_rank(kind, tp_size, bad_rank):
+    messages = run_distributed(_gather_with_one_bad_rank, 4, bad_rank, kind, tp_size)
+    assert all(m is not None for m in messages), messages
+    assert len(set(messages)) == 1, messages
+    dp_rank = bad_rank // tp_size
+    if kind == "range":
+        # Token row 3 of the bad rank's SP chunk = position (3 // 2) + chunk start, sample 1.
+        position = 3 // 2 + (bad_rank % tp_size) * (8 // tp_size)
+        sample = (10 + dp_rank) * 2 + 1
+        expected = (
+            f"forward 1: sample id {sample}, token {position}, MoE layer 2: "
+            "expert id 8 out of range [0, 8)"
+        )
+        assert messages[0] == expected, messages[0]
+    else:
+        assert f"sample id {dp_rank * 2 + 1}" in messages[0] and "13" in messages[0], messages
 
 
 # ---------------------------------------------------------------------------- padding
@@ -183,3 +241,30 @@ def test_padding_routes_of_a_slice_equal_the_full_micro_batch():
             sequence_parallel=True,
         )  # fmt: skip
         assert torch.equal(sp.view(4, 3, 1, 2), full[tp_rank * 4 : (tp_rank + 1) * 4])
+
+
+def test_tables_never_share_the_reused_gather_workspace(single_process_group):
+    # The CPU gathers reuse one workspace: a second gather (of other routes, smaller and larger)
+    # must leave the first table's routes, ids and lengths as they were.
+    def gather(seed, batch):
+        routes = _routes(4 * batch, 2, 2, 8, seed=seed)
+        ids = [seed * 100 + b for b in range(batch)]
+        lengths = [4 - b % 2 for b in range(batch)]
+        table = gather_route_table(
+            [routes], [ids], layer_numbers=[1, 2], num_experts=8, topk=2,
+            plain_routes_per_forward=[routes.flip(-1)], lengths_per_forward=[lengths],
+        )  # fmt: skip
+        return table, routes
+
+    first, first_routes = gather(1, 3)
+    snapshot = (first.routes_TLK.clone(), first.plain_routes_TLK.clone(), first.sample_ids.clone())
+    for seed, batch in ((2, 2), (3, 6)):
+        gather(seed, batch)
+    assert torch.equal(first.routes_TLK, snapshot[0])
+    assert torch.equal(first.plain_routes_TLK, snapshot[1])
+    assert torch.equal(first.sample_ids, snapshot[2])
+    # And the table is right: sample b's real tokens, [S, B] order undone.
+    routes_SB = first_routes.view(4, 3, 2, 2)
+    for b in range(3):
+        rows = first.rows_for([100 + b])
+        assert torch.equal(first.routes_TLK[rows].long(), routes_SB[: 4 - b % 2, b])

@@ -3,23 +3,25 @@
 Legend: S' local positions, B samples, N real tokens, L MoE layers, K top-k.
 
 Each rank checks only the rows it recorded (cost proportional to its own tokens, not to the
-table); the first problem is kept as a small status vector, and the statuses are exchanged once
-per table so that every rank raises, none is left waiting in a collective.
+table); the first problem is kept as a small status vector. The data-parallel ranks' statuses
+travel inside the last forward's route buffer; the model-parallel groups' are exchanged once per
+table. So every rank raises, and none is left waiting in a collective.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from pr2_megatron.errors import RouteError
-from pr2_megatron.routes.wire import _all_gather
+from pr2_megatron.routes.wire import STATUS_FIELDS, _all_gather
 
 __all__ = ["FirstProblem"]
 
 # Codes of the first problem a rank found in its own routes (propagated to every rank).
 _OK, _OUT_OF_RANGE, _DUPLICATE, _BAD_LENGTHS = range(4)
-_STATUS_FIELDS = 6  # code, forward, sample id, position, layer number, value
 
 
 class FirstProblem:
@@ -31,7 +33,7 @@ class FirstProblem:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.status = torch.zeros(_STATUS_FIELDS, dtype=torch.long, device=device)
+        self.status = torch.zeros(STATUS_FIELDS, dtype=torch.long, device=device)
         self.found = False
 
     def note(self, code: int, forward: int, sample: int, position: int, layer: int, value: int):
@@ -86,9 +88,18 @@ class FirstProblem:
             value,
         )
 
-    def raise_if_any(self, groups, bound: int) -> None:
-        """Exchange the statuses over every group in turn; raise on every rank if any is bad."""
+    def raise_if_any(self, groups, bound: int, gathered: Optional[torch.Tensor] = None) -> None:
+        """Exchange the statuses over every group in turn; raise on every rank if any is bad.
+
+        ``gathered`` (``[R, STATUS_FIELDS]``): statuses that already crossed a group (the data
+        group's, in the route buffer), taken first. Exchanging over each group of a grid of
+        groups in turn reaches every rank of the grid.
+        """
         status = self.status
+        if gathered is not None:
+            bad = (gathered[:, 0] != _OK).nonzero()
+            if bad.numel():
+                status = gathered[int(bad[0])]
         for group in groups:
             if group is None or dist.get_world_size(group) == 1:
                 continue

@@ -38,7 +38,7 @@ from pr2_megatron.routes.checks import _BAD_LENGTHS, FirstProblem
 from pr2_megatron.routes.model_parallel import _model_parallel_gather, _PipelineLayout
 from pr2_megatron.routes.table import RouteTable, route_dtype
 from pr2_megatron.routes.targets import local_positions
-from pr2_megatron.routes.wire import _assemble, _ForwardBuffers, _group_size
+from pr2_megatron.routes.wire import _assemble, _ForwardBuffers, _group_size, workspace
 
 __all__ = ["gather_route_table"]
 
@@ -175,7 +175,9 @@ def gather_route_table(
         _ForwardBuffers.rows_of(batch, seq, num_parts, width)
         for (batch, _), seq in zip(shapes, seqs)
     ]
-    received_XW = torch.empty((data_size * sum(rows), width), dtype=torch.uint8, device=device)
+    scratch = workspace((1 + data_size) * sum(rows) * width, device).view(-1, width)
+    send_blocks = scratch[: sum(rows)].split(rows)
+    received_XW = scratch[sum(rows) :]
     receive_blocks = received_XW.split([data_size * n for n in rows])
     buffers: list[_ForwardBuffers] = []
     for forward, sample_ids in enumerate(sample_ids_per_forward):
@@ -218,14 +220,18 @@ def gather_route_table(
             )
         else:
             parts = [p.reshape(local_seq, batch, *p.shape[1:]) for p in parts]
-        buffer = _ForwardBuffers(batch, seq, num_parts, len(all_layers), topk, dtype, device)
-        buffer.write(ids_B, lengths_B, parts)
+        buffer = _ForwardBuffers(
+            batch, seq, num_parts, len(all_layers), topk, dtype, send_blocks[forward]
+        )
+        buffer.write(ids_B, lengths_B, parts, problems.status)
         buffer.gather(data_group, data_size, receive_blocks[forward].view(data_size, -1, width))
         buffers.append(buffer)
-    world_if_none = data_group if data_group is not None else dist.group.WORLD
-    problems.raise_if_any(
-        (pp_group, tp_group if tp_size > 1 else None, cp_group, world_if_none), num_experts
-    )
+    model_parallel = (pp_group, tp_group if tp_size > 1 else None, cp_group)
+    if buffers:  # the data-parallel statuses came with the last forward's routes
+        problems.raise_if_any(model_parallel, num_experts, gathered=buffers[-1].statuses())
+    else:
+        world_if_none = data_group if data_group is not None else dist.group.WORLD
+        problems.raise_if_any((*model_parallel, world_if_none), num_experts)
     return _assemble(buffers, received_XW, all_layers, num_experts, topk, num_parts == 2, dtype)
 
 
