@@ -93,6 +93,14 @@ def latest_checkpoint(directory) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _ensure_cpu_bringup() -> None:
+    """Without CUDA, Megatron's checkpoint writer needs the CPU bring-up (``runtime/cpu.py``)."""
+    if not torch.cuda.is_available():
+        from pr2_megatron.runtime.cpu import enable_cpu_bringup
+
+        enable_cpu_bringup()
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -185,6 +193,7 @@ def save_checkpoint(
 
     if keep < 0:
         raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
+    _ensure_cpu_bringup()
     rank, _ = _rank_and_world()
     final = step_dir(directory, step)
     partial = final.with_name(final.name + ".partial")
@@ -287,6 +296,7 @@ def load_checkpoint(path, sharded_state_dict: dict) -> dict:
     """Verify, then load ``sharded_state_dict``'s keys from ``path`` (collective)."""
     from megatron.core import dist_checkpointing
 
+    _ensure_cpu_bringup()
     verify_checkpoint(path)
     state = strip_empty_extra_state(sharded_state_dict)
     return dist_checkpointing.load(state, str(path))

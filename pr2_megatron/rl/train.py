@@ -136,6 +136,7 @@ class Trainer:
         from megatron.core.transformer.moe.router import Router
 
         from pr2_megatron.models.builder import build_gpt_moe
+        from pr2_megatron.rl.init import initialize_layout_free
         from pr2_megatron.rl.optim import wrap_ddp
         from pr2_megatron.routing.controller import RoutingController
 
@@ -150,6 +151,7 @@ class Trainer:
             )
             for stage in stages
         ]  # fmt: skip
+        initialize_layout_free(self.chunks, cfg.seed)  # the same weights in every layout
         self.routers = [m for c in self.chunks for m in c.modules() if isinstance(m, Router)]
         self.ddp = wrap_ddp(self.chunks, cfg.optim.distributed_optimizer)
         # Megatron's stock router (router.kind=topk, replay.mode=none) has nothing to control.
