@@ -276,5 +276,7 @@ def test_resaving_a_step_and_a_missing_directory(tmp_path):
     # Megatron's files, the manifest and the marker; nothing else is left behind.
     names = {p.name for p in step_dir(tmp_path, 3).iterdir()}
     assert {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"} <= names
-    assert all(n.endswith(".distcp") for n in names - {COMPLETE, MANIFEST, "common.pt",
-                                                        "metadata.json", ".metadata"})
+    assert all(
+        n.endswith(".distcp")
+        for n in names - {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"}
+    )

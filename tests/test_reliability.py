@@ -67,6 +67,8 @@ def _env(**extra):
     for key in ("CONFIG", "NPROC", "TRAIN_MODULE", "DRY_RUN"):
         env.pop(key, None)
     env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # The launchers run this interpreter (its megatron-core), as the in-process reference does.
+    env["PYTHON"] = sys.executable
     # torch 2.13's torchrun shares its rendezvous TCPStore with the workers by default; after a
     # restart the new workers read the dead workers' gloo addresses from it and hang for the
     # 30-minute store timeout (pytorch/pytorch#135712). Every --max-restarts launch needs this.

@@ -304,6 +304,7 @@ def load_checkpoint(path, sharded_state_dict: dict) -> dict:
 
 # ----------------------------------------------------------------- pickled metadata allowlist
 
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only torch's checkpoint metadata dataclasses / enums, dtypes, sizes, layouts."""
 

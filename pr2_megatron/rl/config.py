@@ -248,6 +248,10 @@ class CheckpointConfig:
     #: next save, the end of the run and a signal wait for it. The step it holds is what the
     #: model was when the save began.
     async_save: bool = False
+    #: At the end of the run (not on a signal stop), write the model as a Hugging Face
+    #: checkpoint into this directory (None: no export): config.json (``model.hf_checkpoint``'s
+    #: when set, else generated) + safetensors, one file per writing rank with an index.
+    export_hf: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.interval < 0:

@@ -43,9 +43,11 @@ def _shard(full: torch.Tensor, param, name: str, config) -> torch.Tensor:
         return full
     expert = ".experts." in name and ".shared_experts." not in name
     if expert:
-        size, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+        size = ps.get_expert_tensor_parallel_world_size()
+        rank = ps.get_expert_tensor_parallel_rank()
     else:
-        size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        size = ps.get_tensor_model_parallel_world_size()
+        rank = ps.get_tensor_model_parallel_rank()
     dim = param.partition_dim
     if config.gated_linear_unit and name.endswith("linear_fc1.weight"):
         gate, up = full.chunk(2, dim=dim)
@@ -55,9 +57,9 @@ def _shard(full: torch.Tensor, param, name: str, config) -> torch.Tensor:
 
 def initialize_layout_free(chunks: Sequence[torch.nn.Module], seed: int) -> int:
     """Re-draw the matrices of every chunk (see the module docstring); returns how many."""
-    from pr2_megatron.models.parameters import global_parameters
     from megatron.core import parallel_state as ps
 
+    from pr2_megatron.models.parameters import global_parameters
     from pr2_megatron.routing.predictor import is_predictor_parameter
 
     count = 0

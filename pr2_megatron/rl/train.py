@@ -152,6 +152,10 @@ class Trainer:
             for stage in stages
         ]  # fmt: skip
         initialize_layout_free(self.chunks, cfg.seed)  # the same weights in every layout
+        if cfg.model.hf_checkpoint:  # pretrained weights (models/hf: checked, read per rank)
+            from pr2_megatron.models.hf import load_hf_checkpoint
+
+            load_hf_checkpoint(self.chunks, cfg.model, cfg.model.hf_checkpoint)
         self.routers = [m for c in self.chunks for m in c.modules() if isinstance(m, Router)]
         self.ddp = wrap_ddp(self.chunks, cfg.optim.distributed_optimizer)
         # Megatron's stock router (router.kind=topk, replay.mode=none) has nothing to control.
@@ -394,6 +398,12 @@ class Trainer:
             print(f"pr2-train: stopping on signal after step {self.step}", flush=True)
         elif not stop and self.rank0 and ckpt.dir:
             (Path(ckpt.dir) / STOPPED_BY_SIGNAL).unlink(missing_ok=True)
+        if ckpt.export_hf and not stop:  # collective; rank 0 writes config.json last
+            from pr2_megatron.models.hf import export_hf_checkpoint
+
+            export_hf_checkpoint(
+                self.chunks, self.cfg.model, ckpt.export_hf, self.cfg.model.hf_checkpoint
+            )
         self.log.close()
         return 0
 
