@@ -194,7 +194,7 @@ def test_actor_side_pr2_replays_exactly_the_old_logprob_pass_predictions(
     assert trainer.mode.name == "pr2-actor"
     # A predictor that already moves routes, so predicted and live top-k differ for many tokens.
     for chunk in trainer.chunks:
-        randomize_predictors(chunk, scale=0.5, seed=3)
+        randomize_predictors(chunk, scale=0.02, seed=3)
     trainer.optimizer.reload_model_params()
     start = [r.predictor.weight.detach().clone() for r in trainer.routers]
     capture = _PassCapture(trainer, monkeypatch)
@@ -229,7 +229,8 @@ def test_actor_side_pr2_replays_exactly_the_old_logprob_pass_predictions(
         tokens = [t for m in (1, 2) for t in capture.token_routes(f"mini_step_{m}", index)[0]]
         assert sorted(tokens) == sorted(predicted)
     total = sum(len(capture.token_routes("old_logprobs", i)[0]) for i in layers)
-    assert differing > 0.05 * total, (differing, total)  # predicted != live: the test can tell
+    # Predicted != live top-k for most tokens (111 of 130 token-layers seen): the test can tell.
+    assert differing > 0.05 * total, (differing, total)
     # The predictors train at mini-step 2 only: unchanged by rollout, old log-probs, mini-step 1.
     for name in ("rollout", "old_logprobs", "mini_step_1"):
         for w0, w in zip(start, capture.predictor_weights[name]):
