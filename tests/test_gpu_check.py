@@ -8,6 +8,7 @@ machine only.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,10 @@ def test_summary_gives_each_parts_status_wall_time_and_key_lines(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     text = summary.read_text()
     assert "overall: PASS" in text and text.count("| PASS |") == len(PARTS)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_gpu_check_is_shellcheck_clean():
+    command = ["shellcheck", "-s", "bash", str(SCRIPT)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -5,7 +5,8 @@
 * actor-side PR2 (``replay.mode=pr2 replay.predict_at=old_logprob``): the rollout routes live,
   the old-log-prob pass records the predicted routes, every training forward replays exactly
   those, and the predictors train from mini-step 2 on;
-* PP=2 and PP=2 x VPP=2 log the metrics PP=1 logs on the same seed (slow: 2 gloo ranks);
+* PP=2, PP=2 x VPP=2 (2 gloo ranks) and PP=2 x EP=2 x DP=2 (4) log the metrics PP=1 logs on
+  the same seed (slow);
 * context parallelism is refused on CPU with the reason.
 """
 
@@ -240,12 +241,12 @@ def test_actor_side_pr2_replays_exactly_the_old_logprob_pass_predictions(
 
 
 # ============================================================= pipeline layouts (slow: 2 ranks)
-# 4 MoE layers: PP=2 gives 2 per stage, PP=2 x VPP=2 one per virtual stage. 16 samples per rank
-# in micro-batches of 4 (8 for the rollout): every schedule has an even number of micro-batches
-# (the interleaved schedule needs a multiple of PP). fp32 rollout; a warm start so the policy
-# gradient is real. The scheduled rollout under PP runs a full forward per new token, so the
-# PP=1 reference does too (rollout.kv_cache=false): the KV-cached sampler's predictor metric
-# averages over other positions (docs/trainer.md).
+# 4 MoE layers: PP=2 gives 2 per stage, PP=2 x VPP=2 one per virtual stage. 16 samples per
+# data-parallel rank (8 at DP=2) in micro-batches of 4 (8 for the rollout): micro-batches of one
+# size in every schedule, an even number of them under VPP (a multiple of PP). fp32 rollout;
+# a warm start so the policy gradient is real. The scheduled rollout under PP runs a full
+# forward per new token, so the PP=1 reference does too (rollout.kv_cache=false): the KV-cached
+# sampler's predictor metric averages over other positions (docs/trainer.md).
 PIPELINE = [
     "steps=2",
     "model.num_layers=4",
@@ -265,6 +266,10 @@ VPP2 = "parallel.virtual_pipeline_model_parallel_size=2"
 LAYOUTS = {
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "pp2-vpp2": (2, ["parallel.pipeline_model_parallel_size=2", VPP2]),
+    "pp2-ep2-dp2": (
+        4,
+        ["parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2"],
+    ),
 }
 
 
