@@ -12,16 +12,17 @@
 #
 # Without CUDA it exits 1 with one line before running anything (the dry run needs no CUDA).
 # Environment [default]: PYTHON [python3], OUT [none: a fresh /tmp/pr2_gpu_check.XXXX directory],
-# TIMEOUT_GPU_TESTS [150], TIMEOUT_TRAIN [150], TIMEOUT_BENCH [75] (seconds, per part).
+# TIMEOUT_GPU_TESTS [140], TIMEOUT_TRAIN [140], TIMEOUT_BENCH [70] (seconds, per part; 7 min
+# in all, plus at most 10 s each to kill a part that ignores SIGTERM).
 # The router benchmarks are CPU benchmarks (no CUDA code path, CPU timers): they run with the GPU
 # hidden (CUDA_VISIBLE_DEVICES=) so they take the tested CPU path on this machine too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
-TIMEOUT_GPU_TESTS=${TIMEOUT_GPU_TESTS:-150}
-TIMEOUT_TRAIN=${TIMEOUT_TRAIN:-150}
-TIMEOUT_BENCH=${TIMEOUT_BENCH:-75}
+TIMEOUT_GPU_TESTS=${TIMEOUT_GPU_TESTS:-140}
+TIMEOUT_TRAIN=${TIMEOUT_TRAIN:-140}
+TIMEOUT_BENCH=${TIMEOUT_BENCH:-70}
 
 dry_run=""
 summary=""
@@ -29,7 +30,7 @@ for arg in "$@"; do
   case $arg in
     --dry-run | -n) dry_run=1 ;;
     -h | --help)
-      sed -n '2,18p' "$0"
+      sed -n '2,19p' "$0"
       exit 0
       ;;
     -*)
@@ -108,7 +109,7 @@ for part in "${parts[@]}"; do
   t0=$(date +%s%N)
   env_args=()
   read -r -a env_args <<<"$envs"
-  timeout --kill-after=15 "$limit" env "${env_args[@]}" bash -c "$cmd" >"$log" 2>&1
+  timeout --kill-after=10 "$limit" env "${env_args[@]}" bash -c "$cmd" >"$log" 2>&1
   code=$?
   ms=$((($(date +%s%N) - t0) / 1000000))
   wall=$((ms / 1000)).$((ms % 1000 / 100))
