@@ -30,7 +30,7 @@ for arg in "$@"; do
   case $arg in
     --dry-run | -n) dry_run=1 ;;
     -h | --help)
-      sed -n '2,19p' "$0"
+      sed -n '2,18p' "$0"
       exit 0
       ;;
     -*)
