@@ -1,4 +1,9 @@
-"""Optimizer parameter groups for the evolution predictors: ``lr × α``, no weight decay."""
+"""Optimizer parameter groups for the evolution predictors: ``lr × α``, no weight decay.
+
+* :func:`param_groups`: torch optimizer groups (a loop of one's own, ``torch.optim.AdamW``);
+* :func:`predictor_config_overrides`: the same group for Megatron's ``get_megatron_optimizer``
+  (``config_overrides``), with its ``OptimizerParamScheduler``.
+"""
 
 from __future__ import annotations
 
@@ -59,3 +64,49 @@ def param_groups(
             }
         )
     return groups
+
+
+def predictor_config_overrides(
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+    optimizer_config,
+    lr_multiplier: Optional[float] = None,
+) -> dict:
+    """``config_overrides`` for Megatron's ``get_megatron_optimizer``: the predictors' own group.
+
+    Megatron's standard overrides (no weight decay on biases and 1-D parameters; the decoupled
+    embedding lr when configured) plus one for every parameter marked ``pr2_predictor``:
+    ``max_lr = lr × α``, ``min_lr = min_lr × α``, ``wd_mult = 0`` and ``lr_mult = α``. α is the
+    routers' ``PR2RouterConfig.lr_multiplier`` unless ``lr_multiplier`` is given.
+
+    Use it with Megatron's ``OptimizerParamScheduler``: in megatron-core the torch optimizer's
+    per-group ``lr`` and ``weight_decay`` are set only by the scheduler's ``step`` (from the
+    group's ``max_lr`` / ``min_lr`` and ``wd_mult``); without one every group runs at
+    ``optimizer_config.lr`` with weight decay. ``lr_mult`` changes no learning rate (0.16.1's
+    scheduler ignores it) but makes the group's checkpoint identifier ``(wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr)`` unique: with ``lr_mult = 1`` the predictor group
+    would collide with the no-decay group of 1-D parameters, and a distributed-optimizer
+    checkpoint would load the wrong group's hyperparameters silently. With α = 1 the predictors
+    need exactly that group's hyperparameters (lr, no decay) and join it (the same override).
+    A warmup ramps every group from the scheduler's one ``init_lr``. The predictor override is
+    added only when the model has predictors.
+    """
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    overrides = get_standard_config_overrides(optimizer_config)
+    chunks: Iterable[torch.nn.Module] = model if isinstance(model, (list, tuple)) else [model]
+    has_predictor = any(is_predictor_parameter(p) for c in chunks for p in c.parameters())
+    if not has_predictor:
+        return overrides
+    alpha = lr_multiplier_of(model) if lr_multiplier is None else float(lr_multiplier)
+    if alpha == 1.0:
+        overrides[ParamKey(attr="pr2_predictor")] = ParamGroupOverride(wd_mult=0.0)
+        return overrides
+    min_lr = optimizer_config.min_lr if optimizer_config.min_lr is not None else 0.0
+    overrides[ParamKey(attr="pr2_predictor")] = ParamGroupOverride(
+        max_lr=optimizer_config.lr * alpha,
+        min_lr=min_lr * alpha,
+        wd_mult=0.0,
+        lr_mult=alpha,
+    )
+    return overrides
