@@ -118,6 +118,11 @@ class Trainer:
         self.step = 0
         self.warm_started = False
         self.log = RunLog(cfg.logging.dir, enabled=self.rank0, tensorboard=cfg.logging.tensorboard)
+        from pr2_megatron.rl.diagnostics import StepDiagnostics  # hook(effect)
+
+        self.diagnostics = StepDiagnostics(  # hook(effect): predictability diagnostic
+            cfg, self.controller, self.log, rank0=self.rank0, groups=self._routing_groups()
+        )
         from pr2_megatron.runtime.gpu import GPUMonitor, detect_gpu_stack
 
         self.gpu_monitor = GPUMonitor(enabled=cfg.logging.gpu_monitor and torch.cuda.is_available())
@@ -214,6 +219,9 @@ class Trainer:
         optimizer = self._optimizer(warm.lr)
         if self.controller is not None:
             self.controller.off()
+        from pr2_megatron.rl.drivers import set_aux_loss_coeff  # hook(effect)
+
+        rl_aux_coeff = set_aux_loss_coeff(self.model, warm.aux_loss_coeff)  # hook(effect)
         start = time.time()
         for i in range(warm.steps):
             if i % 10 == 9 and self.stop_requested():
@@ -235,6 +243,7 @@ class Trainer:
                 print(f"warm start {i + 1}/{warm.steps}: answer NLL {value:.3f}", flush=True)
                 self.log.write({"event": "warm_start", "step": 0, "iter": i + 1, "nll": value})
         self.warm_started = True
+        set_aux_loss_coeff(self.model, rl_aux_coeff)  # hook(effect): RL's aux-loss coefficient
         if self.rank0:
             print(f"warm start done in {time.time() - start:.1f}s", flush=True)
 
@@ -292,6 +301,7 @@ class Trainer:
 
     def _rollout_phase(self) -> None:
         if self.cfg.replay.mode == "pr2":
+            self.controller.set_rollout_id(self.step + 1)  # hook(effect): stabiliser schedule
             self.controller.predict(collect_metrics=True)
         elif self.controller is not None:
             self.controller.record()
@@ -314,6 +324,7 @@ class Trainer:
 
         # 1. Rollout (rollout numerics), routes captured and gathered into one table.
         self._rollout_phase()
+        self.diagnostics.begin_rollout(step)  # hook(effect)
         sampler = self._generator(3, step)
         micro = []
         mbs = cfg.rollout.micro_batch_size
@@ -335,6 +346,7 @@ class Trainer:
                     kv_cache=cfg.rollout.kv_cache,
                 )
             )
+        self.diagnostics.end_rollout()  # hook(effect)
         rollout_metrics = self.controller.metrics() if cfg.replay.mode == "pr2" else {}
         batch = _concat_rollout(micro)
         table = None
@@ -375,6 +387,7 @@ class Trainer:
                 table,
             )
             mini_records.append(record)
+        self.diagnostics.end_step(step, batch["mask"], sample_ids)  # hook(effect)
         mini_records[-1].update(self._router_drift(router_before))
         mini_records[-1]["time/step_seconds"] = time.time() - start
         for mini_step, record in enumerate(mini_records, start=1):
@@ -490,6 +503,7 @@ class Trainer:
         logp_all, ratio_all = [], []
         micro_rows = self._train_micro_batches(rows)
         micro_batches = [self._micro_batch(m, batch, sample_ids) for m in micro_rows]
+        self.diagnostics.begin_mini_step(mini_step)  # hook(effect)
         for mrows, micro_batch in zip(micro_rows, micro_batches):
             # The rollout's routes of this micro-batch only (targets and metrics share them).
             rollout_route, rollout_plain = self._rollout_routes(table, micro_batch)
@@ -514,6 +528,7 @@ class Trainer:
             (loss / tokens * self.dp_size).backward()
             logp_all.append(logp.detach())
             ratio_all.append(ratio.detach())
+        self.diagnostics.end_mini_step()  # hook(effect)
         if self.controller is not None:
             self.controller.finish()
         average_gradients(self.model)

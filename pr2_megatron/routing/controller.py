@@ -217,6 +217,33 @@ class RoutingController:
             on_forward=on_forward,
         )
 
+    # ----------------------------------------------------------------------- probes, schedule
+    def attach_probe(self, probe: Callable) -> None:
+        """Hand every named forward's router inputs and logits to ``probe`` (any phase).
+
+        ``probe(router, keys_T, hidden_TH, logits_TE)`` is called by each router after a
+        forward whose tokens were named (``RoutePath.name_tokens`` names them in every phase
+        while a probe is attached); a diagnostic recorder, e.g.
+        :class:`pr2_megatron.routing.probe.FeatureRecorder`.
+        """
+        for router in self.routers:
+            router.feature_probe = probe
+
+    def detach_probe(self) -> None:
+        """Stop handing forwards to the probe (token names are again needed only by PR2)."""
+        for router in self.routers:
+            router.feature_probe = None
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe is attached (forwards' tokens must then be named)."""
+        return bool(self.routers) and self.routers[0].feature_probe is not None
+
+    def set_rollout_id(self, rollout_id: int) -> None:
+        """The rollout id the stabilisers' schedules follow (the margin cap's η anneal)."""
+        for router in self.routers:
+            router.rollout_id = int(rollout_id)
+
     # ----------------------------------------------------------------------------- routes
     def set_targets(
         self, routes_TLK: torch.Tensor, plain_routes_TLK: Optional[torch.Tensor] = None
@@ -471,16 +498,44 @@ class RoutingController:
                 out.update(self._predictor_losses())
         elif self.phase == RoutingPhase.PREDICT and self.collects_metrics:
             self._require_forwards()
-            delta = [rec["delta_abs"] for r in self.routers for rec in r.metric_records]
-            logit = [rec["logit_abs"] for r in self.routers for rec in r.metric_records]
-            if delta:
-                mean_logit = float(torch.stack(logit).mean())
-                ratio = float(torch.stack(delta).mean()) / mean_logit if mean_logit else 0.0
-                out["predictor/delta_to_logit_ratio"] = ratio
+            out.update(self._predict_metrics())
         else:
             raise RuntimeError(
                 f"metrics(): this {self.phase.value} pass collects no metrics (start a replay "
                 "or predict pass with collect_metrics=True, or train the predictors)"
+            )
+        return out
+
+    def _predict_metrics(self) -> dict[str, float]:
+        """Predict pass: mean|Δ|/mean|z|, routes changed by the predictor, flip fallbacks.
+
+        ``predictor/route_change_fraction``: share of named token-layer routes whose predicted
+        top-k set differs from the live top-k at rollout (the reference's
+        ``predictive_route_change_fraction``); ``predictor/flip_fallback_fraction``: share the
+        flip fallback returned to their old logits; overall and ``/layer_{n}``.
+        """
+        out: dict[str, float] = {}
+        delta = [rec["delta_abs"] for r in self.routers for rec in r.metric_records]
+        logit = [rec["logit_abs"] for r in self.routers for rec in r.metric_records]
+        if not delta:
+            return out
+        mean_logit = float(torch.stack(logit).mean())
+        out["predictor/delta_to_logit_ratio"] = (
+            float(torch.stack(delta).mean()) / mean_logit if mean_logit else 0.0
+        )
+        totals = torch.zeros(3, dtype=torch.long)
+        per_layer = {}
+        for router in self.routers:
+            counts = sum((rec["changed"] for rec in router.metric_records), torch.zeros(3))
+            per_layer[router.route_layer_number] = counts
+            totals = totals + counts.long()
+        for suffix, counts in [("", totals), *((f"/layer_{n}", c) for n, c in per_layer.items())]:
+            tokens = float(counts[2])
+            out[f"predictor/route_change_fraction{suffix}"] = (
+                float(counts[0]) / tokens if tokens else 0.0
+            )
+            out[f"predictor/flip_fallback_fraction{suffix}"] = (
+                float(counts[1]) / tokens if tokens else 0.0
             )
         return out
 
@@ -511,6 +566,28 @@ class RoutingController:
         for router in self.routers:
             values = router.predictor_losses
             out[f"predictor/loss/layer_{router.route_layer_number}"] = sum(values) / len(values)
+        out.update(self._predictive_accuracy())
+        return out
+
+    def _predictive_accuracy(self) -> dict[str, float]:
+        """The predictive top-k accuracy on the cached tokens this pass trained on.
+
+        ``predictor/topk_accuracy``: overlap of TopK(z_old + Δ) with TopK(z_cur) (the
+        reference's ``predictive_topk_accuracy``); ``predictor/topk_accuracy_plain``: the same
+        for TopK(z_old); overall (token-weighted over this rank's routers) and per layer.
+        """
+        out: dict[str, float] = {}
+        total = torch.zeros(3)
+        for router in self.routers:
+            sums = sum(router.predictor_accuracy, torch.zeros(3))
+            total += sums
+            if sums[2] > 0:
+                n = router.route_layer_number
+                out[f"predictor/topk_accuracy/layer_{n}"] = float(sums[0] / sums[2])
+                out[f"predictor/topk_accuracy_plain/layer_{n}"] = float(sums[1] / sums[2])
+        if total[2] > 0:
+            out["predictor/topk_accuracy"] = float(total[0] / total[2])
+            out["predictor/topk_accuracy_plain"] = float(total[1] / total[2])
         return out
 
     # -------------------------------------------------------------------------- optimizer

@@ -33,7 +33,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
@@ -44,6 +44,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from pr2_megatron.errors import RouteError
+from pr2_megatron.metrics.agreement import topk_overlap
 from pr2_megatron.routes.table import route_dtype
 from pr2_megatron.routing.compat import require_router_seam
 from pr2_megatron.routing.feature_cache import FeatureCache
@@ -61,6 +62,16 @@ from pr2_megatron.routing.predictor import (
     predictor_loss,
 )
 from pr2_megatron.routing.recompute import RecomputeRoutes, in_backward
+from pr2_megatron.routing.stabilisers import (
+    DEPTH_SCHEDULES,
+    SHIFT_WEIGHTINGS,
+    DeltaSettings,
+    changed_routes,
+    depth_fraction,
+    loss_weights,
+    margin_cap_eta,
+    stabilise_delta,
+)
 
 
 class RoutingPhase(str, Enum):
@@ -94,6 +105,42 @@ class PR2RouterConfig:
     #: route, replay forwards replay and train the predictor once the router moved
     #: (:mod:`pr2_megatron.routing.megatron_replay`). Off: the router never registers there.
     megatron_router_replay: bool = False
+    # ---- the PR2 authors' stabilisers (docs/pr2_effect.md); all off by default, as in their
+    # "paper" ablation; values in comments are their last ablation's (all on) ----
+    #: Depth scale γ_l on Δ: ``γ_l = 1 − decay(d)·(1 − γ_min)``, d = (l − 1)/(L − 1) of the
+    #: 1-based layer l of L transformer layers; decay ``none`` (off: γ = 1), ``linear`` (d),
+    #: ``sqrt`` (√d; theirs) or ``cosine`` (½(1 − cos πd)).
+    delta_depth_schedule: Literal["none", "linear", "sqrt", "cosine"] = "none"
+    #: γ_min of the depth scale (theirs: 0.5); used only with a depth schedule.
+    delta_depth_gamma_min: float = 0.5
+    #: Magnitude cap r_max (None: off; theirs 0.015): if mean|Δ| > r_max·mean|z_old| over a
+    #: forward's tokens, Δ is scaled down to exactly that ratio.
+    delta_magnitude_cap: Optional[float] = None
+    #: Margin cap η (None: off; theirs 1.0): each token's Δ is scaled so that
+    #: max|Δ| <= η·m/2, m = k-th minus (k+1)-th old logit. With η <= 1 no route can change.
+    delta_margin_cap: Optional[float] = None
+    #: η annealed linearly to this value (theirs 1.5) between the two rollout ids of
+    #: ``delta_margin_cap_anneal`` ([first, last]; theirs [80, 160]); None: constant η.
+    delta_margin_cap_final: Optional[float] = None
+    delta_margin_cap_anneal: Optional[list[int]] = None
+    #: Flip fallback (None: off; theirs 0.05): a token whose predicted top-k set differs from
+    #: the old one and whose post-Δ boundary logit margin is below this keeps its old logits.
+    flip_fallback_margin: Optional[float] = None
+    #: Hidden-shift weighting of a cached token's loss by the headroom of
+    #: r = |h_cur − h_old|/|h_old| under ``hidden_shift_threshold`` (theirs 0.02): ``none``
+    #: (off), ``binary`` [r < τ], ``linear`` max(0, 1 − r/τ), ``quadratic`` its square.
+    hidden_shift_weighting: Literal["none", "binary", "linear", "quadratic"] = "none"
+    hidden_shift_threshold: float = 0.02
+    #: Boundary weighting of the loss: weights ∝ 1/max(m, m_min) of the old boundary margin,
+    #: normalised to mean 1 over a forward's cached tokens, clipped at ``boundary_weight_max``
+    #: (theirs 4). m_min is not stated by the authors; 0.05 is this project's choice.
+    boundary_weighting: bool = False
+    boundary_margin_min: float = 0.05
+    boundary_weight_max: float = 4.0
+    #: Predictor Adam betas (None: the policy optimizer's, as the authors' code does).
+    predictor_betas: Optional[list[float]] = None
+    #: Predictor weight decay (None: the policy's, as the authors' code does; 0: none).
+    predictor_weight_decay: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.loss not in PREDICTOR_LOSSES:
@@ -107,6 +154,73 @@ class PR2RouterConfig:
         cap = self.feature_cache_max_total_tokens
         if cap is not None and cap < 1:
             raise ValueError(f"pr2.feature_cache_max_total_tokens must be >= 1 or None, got {cap}")
+        self._check_stabilisers()
+
+    def _check_stabilisers(self) -> None:
+        """ValueError naming the key of a stabiliser or predictor-optimizer setting out of range."""
+        if self.delta_depth_schedule not in DEPTH_SCHEDULES:
+            raise ValueError(
+                f"pr2.delta_depth_schedule must be one of {DEPTH_SCHEDULES}, "
+                f"got {self.delta_depth_schedule!r}"
+            )
+        if self.hidden_shift_weighting not in SHIFT_WEIGHTINGS:
+            raise ValueError(
+                f"pr2.hidden_shift_weighting must be one of {SHIFT_WEIGHTINGS}, "
+                f"got {self.hidden_shift_weighting!r}"
+            )
+        if not 0.0 <= self.delta_depth_gamma_min <= 1.0:
+            raise ValueError(
+                f"pr2.delta_depth_gamma_min must be in [0, 1], got {self.delta_depth_gamma_min}"
+            )
+        positive = {
+            "delta_magnitude_cap": self.delta_magnitude_cap,
+            "delta_margin_cap": self.delta_margin_cap,
+            "delta_margin_cap_final": self.delta_margin_cap_final,
+            "hidden_shift_threshold": self.hidden_shift_threshold,
+            "boundary_margin_min": self.boundary_margin_min,
+            "boundary_weight_max": self.boundary_weight_max,
+        }
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"pr2.{name} must be > 0, got {value}")
+        if self.flip_fallback_margin is not None and self.flip_fallback_margin < 0:
+            raise ValueError(
+                f"pr2.flip_fallback_margin must be >= 0, got {self.flip_fallback_margin}"
+            )
+        anneal = self.delta_margin_cap_anneal
+        if (anneal is None) != (self.delta_margin_cap_final is None):
+            raise ValueError(
+                "pr2.delta_margin_cap_final and pr2.delta_margin_cap_anneal go together "
+                f"(got {self.delta_margin_cap_final!r} and {anneal!r})"
+            )
+        if anneal is not None and (len(anneal) != 2 or not 0 <= anneal[0] < anneal[1]):
+            raise ValueError(
+                f"pr2.delta_margin_cap_anneal must be [first, last] rollout ids with "
+                f"0 <= first < last, got {anneal!r}"
+            )
+        if anneal is not None and self.delta_margin_cap is None:
+            raise ValueError("pr2.delta_margin_cap_anneal needs pr2.delta_margin_cap (η)")
+        betas = self.predictor_betas
+        if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"pr2.predictor_betas must be two values in [0, 1), got {betas!r}")
+        decay = self.predictor_weight_decay
+        if decay is not None and decay < 0:
+            raise ValueError(f"pr2.predictor_weight_decay must be >= 0, got {decay}")
+
+    def delta_settings(self, rollout_id: Optional[int]) -> DeltaSettings:
+        """The rollout-side stabilisers at ``rollout_id`` (the margin cap's η annealed)."""
+        return DeltaSettings(
+            depth_schedule=self.delta_depth_schedule,
+            depth_gamma_min=self.delta_depth_gamma_min,
+            magnitude_cap=self.delta_magnitude_cap,
+            margin_cap=margin_cap_eta(
+                self.delta_margin_cap,
+                self.delta_margin_cap_final,
+                self.delta_margin_cap_anneal,
+                rollout_id,
+            ),
+            flip_fallback_margin=self.flip_fallback_margin,
+        )
 
 
 class _ExpertSelector:
@@ -182,9 +296,19 @@ class PR2Router(TopKRouter):
         #: controller streams records with it (``RoutingController.replay(on_forward=...)``).
         self.on_forward_recorded: Optional[Callable[[PR2Router], None]] = None
         self.predictor_losses: list[float] = []
+        #: Per training forward with predictor loss: ``[hits, plain hits, tokens]`` of the
+        #: predictive top-k accuracy on its cached tokens (``predictor/topk_accuracy``).
+        self.predictor_accuracy: list[torch.Tensor] = []
         self._token_counter = 0
         self._group_counter = 0
         self.feature_cache: FeatureCache | None = None
+        #: The rollout id the margin cap's η anneals over (None: the count of predict passes).
+        self.rollout_id: Optional[int] = None
+        self._predict_passes = 0
+        #: Called as ``probe(router, keys_T, hidden_TH, logits_TE)`` by every forward whose
+        #: tokens were named (``RoutingController.attach_probe``; not from recompute, not in
+        #: protocol mode): a recorder of router inputs and logits per named token.
+        self.feature_probe: Optional[Callable] = None
 
     # ----------------------------------------------------------------- control (used by the API)
     def set_layer_number(self, layer_number: int) -> None:
@@ -239,10 +363,18 @@ class PR2Router(TopKRouter):
         self.recorded_plain = []
         self.metric_records = []
         self.predictor_losses = []
+        self.predictor_accuracy = []
         self._token_counter = 0
         self._group_counter = 0
-        if self.phase == RoutingPhase.PREDICT and self.feature_cache is not None:
-            self.feature_cache.clear()
+        if self.phase == RoutingPhase.PREDICT:
+            self._predict_passes += 1
+            if self.feature_cache is not None:
+                self.feature_cache.clear()
+
+    @property
+    def current_rollout_id(self) -> int:
+        """The rollout id of the stabilisers' schedule: set by the controller, else counted."""
+        return self._predict_passes if self.rollout_id is None else self.rollout_id
 
     def push_target(self, target_TK: torch.Tensor, plain_TK: Optional[torch.Tensor] = None) -> None:
         """Queue the experts for the next replay forward (targets are consumed in order)."""
@@ -283,19 +415,19 @@ class PR2Router(TopKRouter):
         # Which experts: replayed (target), predicted (z + Δ), or live top-k (None).
         recomputing = self._is_recompute_in_backward()
         action = self._megatron_action()
-        plain_TK = delta_TE = None
+        plain_TK = delta_TE = fallback_T = None
         if recomputing:
             target_TK, attach = self._recompute_routes.take_with_payload(num_tokens)
             if action is not None:
                 self.router_replay.backward_fifo_pop()
         elif action == RouterReplayAction.RECORD:
-            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
+            target_TK, delta_TE, _ = self._predicted_route(hidden_TH, logits_TE)
         elif action is not None:
             target_TK = self.router_replay.replay_target(num_tokens)
         elif self.phase == RoutingPhase.REPLAY:
             target_TK, plain_TK = self._pop_target(num_tokens=num_tokens)
         elif self.phase == RoutingPhase.PREDICT:
-            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
+            target_TK, delta_TE, fallback_T = self._predicted_route(hidden_TH, logits_TE)
         else:
             target_TK = None
 
@@ -311,7 +443,9 @@ class PR2Router(TopKRouter):
         if action is not None:
             attach = self._megatron_bookkeeping(action, chosen_TK, hidden_TH, logits_TE)
         else:
-            attach = self._phase_bookkeeping(chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH)
+            attach = self._phase_bookkeeping(
+                chosen_TK, plain_TK, (delta_TE, fallback_T), logits_SBE, hidden_TH
+            )
         if self._will_be_recomputed():
             self._recompute_routes.file(chosen_TK, attach)
         elif attach is not None:
@@ -320,26 +454,32 @@ class PR2Router(TopKRouter):
             self.on_forward_recorded(self)
         return probs_TE, routing_map_TE
 
-    def _phase_bookkeeping(self, chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH):
-        """Records, feature cache and metrics of the PR2 phases; the predictor loss to attach."""
+    def _phase_bookkeeping(self, chosen_TK, plain_TK, prediction, logits_SBE, hidden_TH):
+        """Records, feature cache and metrics of the PR2 phases; the predictor loss to attach.
+
+        ``prediction`` is ``(Δ_TE, fallback_T)`` of the predict phase (else Nones).
+        """
         logits_TE = logits_SBE.reshape(-1, self.num_experts)
-        # Token keys pair cached rollout tokens with training tokens.
-        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
+        # Token keys pair cached rollout tokens with training tokens (and name them for a probe).
+        probe = self.feature_probe
+        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor or probe is not None
         keys_T = groups_T = None
         if needs_keys:
             keys_T, groups_T = self._token_keys_of_forward(logits_TE.shape[0])
+        if probe is not None and groups_T is not None:  # only tokens the caller named
+            probe(self, keys_T, hidden_TH.detach(), logits_TE.detach())
         if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
             self.recorded.append(chosen_TK.detach())
         if self.phase == RoutingPhase.PREDICT:
             live_TK = self._topk_indices(logits_TE.detach())
             self.recorded_plain.append(live_TK)
+            if self.collect_metrics:
+                self.metric_records.append(
+                    self._predict_record(chosen_TK, live_TK, prediction, logits_TE, keys_T)
+                )
             if groups_T is None:
                 groups_T = self._next_groups(logits_SBE.shape[:2])
             self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
-            if self.collect_metrics:
-                self.metric_records.append(
-                    {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
-                )
         if self.phase == RoutingPhase.REPLAY:
             if self.collect_metrics:
                 live_TK = self._topk_indices(logits_TE.detach())
@@ -347,6 +487,23 @@ class PR2Router(TopKRouter):
             if self.train_predictor:
                 return functools.partial(self._attach_cached_loss, keys_T=keys_T)
         return None
+
+    def _predict_record(self, chosen_TK, live_TK, prediction, logits_TE, keys_T) -> dict:
+        """Predict-phase metrics of one forward: |Δ|, |z|, routes changed, flip fallbacks.
+
+        Counted over the named tokens (key >= 0) when the forward's tokens are named.
+        """
+        delta_TE, fallback_T = prediction
+        real_T = torch.ones(chosen_TK.shape[0], dtype=torch.bool, device=chosen_TK.device)
+        if keys_T is not None:
+            real_T = (keys_T >= 0).to(chosen_TK.device)
+        changed_T = changed_routes(chosen_TK, live_TK) & real_T
+        fallbacks = 0 if fallback_T is None else int((fallback_T.to(real_T.device) & real_T).sum())
+        return {
+            "delta_abs": delta_TE.abs().mean(),
+            "logit_abs": logits_TE.detach().abs().mean(),
+            "changed": torch.tensor([int(changed_T.sum()), fallbacks, int(real_T.sum())]),
+        }
 
     def _megatron_bookkeeping(self, action, chosen_TK, hidden_TH, logits_TE):
         """Protocol mode: RECORD records and caches; a replay forward may train the predictor.
@@ -400,10 +557,24 @@ class PR2Router(TopKRouter):
         return probs_TE, routing_map_TE, chosen_TK
 
     def _predicted_route(self, hidden_TH, logits_TE):
-        """``(TopK(score_fn(z + Δ)), Δ)`` without grad: the PR2 prediction."""
+        """``(TopK(score_fn(z + Δ)), Δ, fallback_T)`` without grad: the PR2 prediction.
+
+        Δ after the configured stabilisers (:meth:`_stabilised`); ``fallback_T`` marks tokens
+        the flip fallback returned to their old logits (None without it).
+        """
         with torch.no_grad():
-            delta_TE = self.predictor(hidden_TH)
-            return self._topk_indices(logits_TE + delta_TE), delta_TE
+            delta_TE, fallback_T = self._stabilised(self.predictor(hidden_TH), logits_TE.detach())
+            return self._topk_indices(logits_TE + delta_TE), delta_TE, fallback_T
+
+    def _stabilised(self, delta_TE, logits_TE):
+        """``(Δ', fallback_T)``: Δ through the stabilisers of :attr:`pr2_config` (or as it is)."""
+        settings = self.pr2_config.delta_settings(self.current_rollout_id)
+        if not settings.active:
+            return delta_TE, None
+        depth = depth_fraction(self.route_layer_number or 1, self.config.num_layers)
+        return stabilise_delta(
+            settings, delta_TE, logits_TE, k=self.topk, depth=depth, topk_fn=self._topk_indices
+        )
 
     def _route_record(self, replayed_TK, live_TK, plain_TK) -> dict[str, Optional[torch.Tensor]]:
         """A replay forward's routes for metrics, in the route table's smallest dtype.
@@ -500,7 +671,7 @@ class PR2Router(TopKRouter):
         """The predictor loss on the cached tokens named ``keys_T``, attached to ``probs_TE``."""
         if pairing is not None:
             self.router_replay.pairing_counts[pairing] += 1
-        return self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
+        return self._attach_predictor_loss(probs_TE, keys_T, logits_TE, hidden_TH)
 
     def _attach_snapshot_loss(self, probs_TE, hidden_TH, logits_TE):
         """Protocol mode, no exact pairing: the forward's own h against ``z_old = W_old h``."""
@@ -509,7 +680,7 @@ class PR2Router(TopKRouter):
         loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
         return self._finish_predictor_loss(probs_TE, loss)
 
-    def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE) -> torch.Tensor:
+    def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE, hidden_TH) -> torch.Tensor:
         """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
         token_idx, cache_idx = self.feature_cache.lookup(keys_T)
         if token_idx.numel() == 0:
@@ -520,14 +691,50 @@ class PR2Router(TopKRouter):
             cached = self.feature_cache.features()
             device = logits_TE.device
             hidden_CH = cached.hidden_CH[cache_idx].to(device)
+            old_logits_CE = cached.logits_CE[cache_idx].to(device)
+            current_logits_CE = logits_TE[token_idx.to(device)]
             delta_CE = self.predictor(hidden_CH)
+            weights_C = self._loss_weights(hidden_TH, token_idx, hidden_CH, old_logits_CE)
             loss = predictor_loss(
-                self.pr2_config.loss,
-                logits_TE[token_idx.to(device)],
-                cached.logits_CE[cache_idx].to(device),
-                delta_CE,
+                self.pr2_config.loss, current_logits_CE, old_logits_CE, delta_CE, weights_C
+            )
+            self.predictor_accuracy.append(
+                self._predictive_accuracy(delta_CE.detach(), old_logits_CE, current_logits_CE)
             )
         return self._finish_predictor_loss(probs_TE, loss)
+
+    def _loss_weights(self, hidden_TH, token_idx, hidden_CH, old_logits_CE):
+        """Per-token loss weights of the hidden-shift and boundary stabilisers (None: off)."""
+        cfg = self.pr2_config
+        if cfg.hidden_shift_weighting == "none" and not cfg.boundary_weighting:
+            return None
+        with torch.no_grad():
+            return loss_weights(
+                shift_kind=cfg.hidden_shift_weighting,
+                shift_threshold=cfg.hidden_shift_threshold,
+                boundary=cfg.boundary_weighting,
+                margin_min=cfg.boundary_margin_min,
+                weight_max=cfg.boundary_weight_max,
+                hidden_cur_CH=hidden_TH.detach()[token_idx.to(hidden_TH.device)],
+                hidden_old_CH=hidden_CH,
+                old_logits_CE=old_logits_CE,
+                k=self.topk,
+            )
+
+    def _predictive_accuracy(self, delta_CE, old_logits_CE, current_logits_CE) -> torch.Tensor:
+        """``[hits, plain hits, tokens]`` of the predictive top-k accuracy on cached tokens.
+
+        Overlaps of TopK(z_old + Δ') and of TopK(z_old) with TopK(z_cur), summed; Δ' is the
+        current predictor's shift through the stabilisers (the magnitude cap over these cached
+        tokens rather than over a rollout forward's).
+        """
+        with torch.no_grad():
+            old_CE, current_CE = old_logits_CE.detach(), current_logits_CE.detach()
+            delta_CE, _ = self._stabilised(delta_CE, old_CE)
+            live_CK = self._topk_indices(current_CE)
+            predicted = topk_overlap(self._topk_indices(old_CE + delta_CE), live_CK).sum()
+            plain = topk_overlap(self._topk_indices(old_CE), live_CK).sum()
+        return torch.stack([predicted.cpu(), plain.cpu(), torch.tensor(float(live_CK.shape[0]))])
 
     def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
         """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
