@@ -12,6 +12,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from pr2_megatron.testing.distributed import run_distributed
 
@@ -116,3 +117,39 @@ def test_signal_makes_every_rank_checkpoint_and_stop(tmp_path):
     assert [r[1] for r in results] == [1, 1]  # both ranks stopped after step 1
     assert (ck / "STOPPED_BY_SIGNAL").read_text().strip() == "1"
     assert (ck / "step_00000001" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("mode", ["r3", "pr2"])
+def test_predictability_diagnostic_records_every_step(tmp_path, mode):
+    from pr2_megatron.rl.diagnostics import read_step, summarize_run
+
+    overrides = [
+        *TINY,
+        "steps=2",
+        f"replay.mode={mode}",
+        "rollout.dtype=fp32",
+        "diagnostics.predictability=true",
+        f"logging.dir={tmp_path}",
+    ]
+    run_distributed(_train, 2, overrides)
+    records = _records(tmp_path, "predictability")
+    assert [r["step"] for r in records] == [1, 2]
+    assert "predictability/lagged_gain" in records[1] and "predictability/within_gain" in records[0]
+    step, topk, tensors = read_step(tmp_path / "predictability" / "step_00002.safetensors")
+    assert (step, topk) == (2, 2) and sorted(tensors) == [1, 2]
+    layer = tensors[1]
+    # Both ranks' response tokens of every mini-step, each with its rollout features.
+    assert set(layer["mini_step"].tolist()) == {1, 2}
+    assert (layer["keys"] >> 32).unique().numel() == 16  # 4 prompts x 4 responses
+    # fp32 rollout: at mini-step 1 (rollout weights) the logits are the rollout's.
+    first = layer["mini_step"] == 1
+    assert torch.allclose(layer["logits_cur"][first], layer["logits_old"][first], atol=1e-5)
+    assert torch.allclose(layer["hidden_cur"][first], layer["hidden_old"][first], atol=1e-5)
+    summary = summarize_run(tmp_path)
+    assert summary["steps"] == 2 and summary["lagged_gain"]["n"] == 1
+    if mode == "pr2":
+        second = _records(tmp_path)[1]
+        assert 0.0 <= second["predictor/topk_accuracy"] <= 1.0
+        assert "predictor/topk_accuracy_plain/layer_1" in second
+        rollout = _records(tmp_path, "rollout")[1]
+        assert 0.0 <= rollout["predictor/route_change_fraction/layer_2"] <= 1.0

@@ -101,10 +101,10 @@ class StepDiagnostics:
         self.cfg = cfg.diagnostics
         self.enabled = bool(self.cfg.predictability and controller is not None)
         if self.enabled and cfg.replay.mode == "none":
-            raise ValueError(
-                "diagnostics.predictability needs a replay mode whose mini-steps name their "
-                "tokens (r2, r3 or pr2), not replay.mode=none"
-            )
+            # Live routing names no training tokens; a comparison runs none with the same config.
+            self.enabled = False
+            if rank0:
+                print("pr2-train: diagnostics.predictability off for replay.mode=none", flush=True)
         self.controller = controller
         self.log = log
         self.rank0 = rank0
@@ -175,21 +175,21 @@ class StepDiagnostics:
     def _gather(self, joined, rows) -> dict[str, torch.Tensor]:
         """A layer's selected tokens of every rank of the routing groups, concatenated."""
         ints_N2 = torch.stack([joined.keys_N[rows], joined.window_N[rows]], dim=1)
-        floats_NX = torch.cat(
-            [joined.hidden_old_NH[rows], joined.logits_old_NE[rows], joined.logits_cur_NE[rows]],
-            dim=1,
-        )
-        width_h = joined.hidden_old_NH.shape[1]
+        parts = [joined.hidden_old_NH, joined.logits_old_NE, joined.logits_cur_NE]
+        parts.append(joined.hidden_cur_NH)
+        widths = [p.shape[1] for p in parts]
+        floats_NX = torch.cat([p[rows] for p in parts], dim=1)
         for group in self.groups:
             ints_N2 = _all_gather_rows(ints_N2, group)
             floats_NX = _all_gather_rows(floats_NX, group)
-        width_e = (floats_NX.shape[1] - width_h) // 2 if floats_NX.numel() else 0
+        hidden_old, logits_old, logits_cur, hidden_cur = floats_NX.split(widths, dim=1)
         return {
             "keys": ints_N2[:, 0].contiguous(),
             "mini_step": ints_N2[:, 1].contiguous(),
-            "hidden_old": floats_NX[:, :width_h].contiguous(),
-            "logits_old": floats_NX[:, width_h : width_h + width_e].contiguous(),
-            "logits_cur": floats_NX[:, width_h + width_e :].contiguous(),
+            "hidden_old": hidden_old.contiguous(),
+            "logits_old": logits_old.contiguous(),
+            "logits_cur": logits_cur.contiguous(),
+            "hidden_cur": hidden_cur.contiguous(),
         }
 
 

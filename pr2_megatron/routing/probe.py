@@ -37,6 +37,7 @@ class JoinedFeatures:
     logits_old_NE: torch.Tensor  # fp32 router logits at rollout
     logits_cur_NE: torch.Tensor  # fp32 router logits in the later window
     window_N: torch.Tensor  # int64: the later window of each token (e.g. its mini-step)
+    hidden_cur_NH: torch.Tensor  # fp32 router input in the later window
 
 
 class FeatureRecorder:
@@ -104,12 +105,13 @@ class FeatureRecorder:
         keys_old, hidden_old, logits_old = self.records(layer, old)
         parts = []
         for window in later:
-            keys, _, logits = self.records(layer, window)
+            keys, hidden, logits = self.records(layer, window)
             if keys.numel() == 0 or keys_old.numel() == 0:
                 continue
             pos = torch.searchsorted(keys_old, keys).clamp(max=keys_old.numel() - 1)
             hit = keys_old[pos] == keys
-            parts.append((keys[hit], pos[hit], logits[hit], torch.full((int(hit.sum()),), window)))
+            window_N = torch.full((int(hit.sum()),), window)
+            parts.append((keys[hit], pos[hit], logits[hit], window_N, hidden[hit]))
         if not parts:
             width_h = hidden_old.shape[1] if hidden_old.dim() == 2 else 0
             width_e = logits_old.shape[1] if logits_old.dim() == 2 else 0
@@ -119,6 +121,9 @@ class FeatureRecorder:
                 torch.empty(0, width_e),
                 torch.empty(0, width_e),
                 torch.empty(0, dtype=torch.long),
+                torch.empty(0, width_h),
             )
-        keys, pos, logits_cur, window_N = (torch.cat(p) for p in zip(*parts))
-        return JoinedFeatures(keys, hidden_old[pos], logits_old[pos], logits_cur, window_N.long())
+        keys, pos, logits_cur, window_N, hidden_cur = (torch.cat(p) for p in zip(*parts))
+        return JoinedFeatures(
+            keys, hidden_old[pos], logits_old[pos], logits_cur, window_N.long(), hidden_cur
+        )
