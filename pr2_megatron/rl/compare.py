@@ -20,6 +20,9 @@ measures router staleness):
   figure that compares across depths -- a zero deviation over 48 layers cannot be compared with
   a 4-layer toy's; ``overlap @1``: the overlap at mini-step 1 (pr2: the cost of predicting
   before the router has moved; plain replay is 1 there with fp32 rollout);
+- ``vs plain, same run``: the route trained with minus the plain-replay route (the live top-k
+  at rollout), both against the live router on the same tokens (pr2: the gain of prediction
+  within its own run; r3: 0);
 - ``lagged gain`` (r2 / r3 / pr2 runs with ``diagnostics.predictability``): what a ridge fit on
   the previous rollout batch gains over plain replay, ± its paired standard error over steps
   (:mod:`pr2_megatron.rl.diagnostics`);
@@ -82,6 +85,8 @@ def summarize(records: list[dict]) -> dict:
         "lagged_gain": lagged["mean"],
         "lagged_gain_se": lagged["se"],
         "overlap_plain_replay": avg(late, "routing/topk_overlap/plain"),
+        "gain_vs_plain": avg(late, "routing/topk_overlap/replayed")
+        - avg(late, "routing/topk_overlap/plain"),
         "zero_deviation": avg(late, "routing/zero_deviation_ratio"),
         "rollout_vs_train_overlap": avg(minis, "rollout_vs_train/topk_overlap/replayed"),
         "k3_kl_ministep1": avg(first, "logprob/k3_kl"),
@@ -126,6 +131,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         ("router agr. (≥2)", "router_agreement", "{:.4f}"),
         ("zero-dev (≥2)", "zero_deviation", "{:.4f}"),
         ("overlap @1", "overlap_ministep1", "{:.4f}"),
+        ("vs plain, same run (≥2)", "gain_vs_plain", "{:+.4f}"),
         ("rollout≡train overlap", "rollout_vs_train_overlap", "{:.4f}"),
         ("k3 KL @1", "k3_kl_ministep1", "{:.2e}"),
         ("extreme @1", "extreme_ministep1", "{:.4f}"),
