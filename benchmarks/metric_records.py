@@ -10,7 +10,7 @@ layer, plus the rollout's routes of the micro-batch for the ``rollout_vs_train/`
   copy of every forward) at the end, as the previous ``Trainer._mini_step`` did.
 * ``current``: records in the route table's dtype (uint8 up to 256 experts), streamed: each
   forward's routes go to the trainer's reducer (``RoutingController.replay(on_forward=...)``,
-  ``pr2_megatron.rl.train._MiniStepRouting``) as soon as the forward has run, then released;
+  ``pr2_megatron.rl.step_metrics.MiniStepRouting``) as soon as the forward has run, then released;
   the trainer computes a micro-batch's rollout routes just before its forward.
 
 Measured: the peak over the mini-step (sampled after every forward, inside the reducer and at the
@@ -209,9 +209,9 @@ def previous_mini_step(model, ctl, batches, rollout, plain, rows, peak: Peak) ->
 
 def current_mini_step(model, ctl, batches, rollout, plain, rows, peak: Peak) -> dict:
     """The current trainer: each forward's routes reduced and released as soon as it ran."""
-    from pr2_megatron.rl.train import _MiniStepRouting
+    from pr2_megatron.rl.step_metrics import MiniStepRouting
 
-    reducer = _MiniStepRouting(ctl.layer_numbers, live_routing=False)
+    reducer = MiniStepRouting(ctl.layer_numbers, ctl.layer_numbers, live_routing=False)
     current = {}
 
     def on_forward(forward):
@@ -229,7 +229,7 @@ def current_mini_step(model, ctl, batches, rollout, plain, rows, peak: Peak) -> 
         _forward(model, ids, labels).float().mean().backward()
         peak.sample(record_tensors(ctl), rollout_routes=current["held"])
     ctl.finish()
-    return reducer.summary([])
+    return reducer.summary([], torch.device("cpu"))
 
 
 def _prefixed(prefix, agreement) -> dict:

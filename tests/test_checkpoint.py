@@ -1,7 +1,10 @@
-"""Checkpoints (pr2_megatron.rl.checkpoint): crashes during save, corrupt and hostile files, other
-world sizes, retention. Single-process tests call the module directly (world size 1, or a
-monkeypatched rank/world); one test crashes a real rank of a 2-process gloo job mid-save."""
+"""Checkpoints (pr2_megatron.rl.checkpoint, Megatron dist_checkpointing): crashes during save,
+kill -9 of a rank mid-save, corrupt and hostile files, other formats, retention.
 
+Single-process tests save a small sharded state dict in a gloo world of one; two tests run two
+gloo ranks, each writing its own shard of a tensor and a replicated one."""
+
+import json
 import os
 import pickle
 import re
@@ -13,7 +16,9 @@ import torch
 from pr2_megatron.rl import checkpoint
 from pr2_megatron.rl.checkpoint import (
     COMPLETE,
+    MANIFEST,
     CheckpointError,
+    checkpoint_info,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -22,134 +27,160 @@ from pr2_megatron.rl.checkpoint import (
 )
 from pr2_megatron.testing.distributed import DistributedTestError, run_distributed
 
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
-def _state(step):
-    gen = torch.Generator().manual_seed(step)
+
+def _tensor(step, rank=0):
+    return torch.randn(64, 32, generator=torch.Generator().manual_seed(step + 100 * rank))
+
+
+def _state(step, rank=0, world=1):
+    """A sharded state dict: this rank's rows of ``w``, a replicated ``b``, common values."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     return {
-        "step": step,
-        "model": {"w": torch.randn(64, 32, generator=gen), "b": torch.arange(5) * step},
-        "rng": [1, 2, step],
+        "w": ShardedTensor.from_rank_offsets("w", _tensor(step, rank), (0, rank, world)),
+        "b": ShardedTensor.from_rank_offsets("b", torch.arange(5.0) * step, replica_id=rank),
+        "trainer": {"step": step, "rng": [1, 2, step]},
     }
 
 
-def _assert_state_equal(a, b):
-    assert a["step"] == b["step"] and a["rng"] == b["rng"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+def _request(rank=0, world=1):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {
+        "w": ShardedTensor.from_rank_offsets("w", torch.zeros(64, 32), (0, rank, world)),
+        "b": ShardedTensor.from_rank_offsets("b", torch.zeros(5), replica_id=rank),
+    }
 
 
-def _rank_file(path, rank=0):
-    return path / f"rank_{rank:05d}.pt"
+def _assert_loaded(loaded, step, rank=0):
+    assert loaded["trainer"] == {"step": step, "rng": [1, 2, step]}
+    assert torch.equal(loaded["w"], _tensor(step, rank))
+    assert torch.equal(loaded["b"], torch.arange(5.0) * step)
+
+
+def _load(path):
+    return load_checkpoint(path, _request())
+
+
+def _distcp(path):
+    return sorted(p for p in path.iterdir() if p.suffix == ".distcp")
 
 
 # ------------------------------------------------------------------------- crash during save
 def test_partial_directory_is_ignored_and_the_previous_checkpoint_loads(tmp_path):
-    save_checkpoint(tmp_path, 1, _state(1))
-    # A save of step 2 that died after writing its rank file: step_2.partial, no COMPLETE.
+    save_checkpoint(tmp_path, 1, _state(1), info={"step": 1})
+    # A save of step 2 that died while writing: step_2.partial, no COMPLETE.
     partial = tmp_path / "step_00000002.partial"
     partial.mkdir()
-    torch.save({"step": 2, "world_size": 1, "rank": 0, "state": _state(2)}, _rank_file(partial))
+    (partial / "__0_0.distcp").write_bytes(b"half a shard")
     # ... and one that died after the rename but before the marker.
     unmarked = tmp_path / "step_00000003"
     unmarked.mkdir()
-    torch.save({"step": 3, "world_size": 1, "rank": 0, "state": _state(3)}, _rank_file(unmarked))
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 1)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [1]
-    _assert_state_equal(load_checkpoint(latest_checkpoint(tmp_path)), _state(1))
+    _assert_loaded(_load(latest_checkpoint(tmp_path)), 1)
+    assert checkpoint_info(step_dir(tmp_path, 1)) == {"step": 1}
     with pytest.raises(CheckpointError, match=f"step_00000003 is not a complete .*no {COMPLETE}"):
-        load_checkpoint(unmarked)
+        _load(unmarked)
     # The next save of step 2 replaces the debris and completes.
     save_checkpoint(tmp_path, 2, _state(2))
     assert not partial.exists()
-    _assert_state_equal(load_checkpoint(latest_checkpoint(tmp_path)), _state(2))
+    _assert_loaded(_load(latest_checkpoint(tmp_path)), 2)
 
 
-@pytest.mark.parametrize("fail_at", ["torch.save", "rank rename", "directory rename", "marker"])
+@pytest.mark.parametrize("fail_at", ["shard write", "manifest", "directory rename", "marker"])
 def test_an_exception_at_any_point_of_a_save_keeps_the_previous_checkpoint(
     tmp_path, monkeypatch, fail_at
 ):
-    save_checkpoint(tmp_path, 1, _state(1))
-    real_save, real_replace = torch.save, os.replace
+    from megatron.core import dist_checkpointing
 
-    def failing_save(obj, path, *args, **kwargs):
-        if fail_at == "torch.save":
-            real_save(obj, path, *args, **kwargs)
-            with open(path, "r+b") as handle:  # died halfway through writing
-                handle.truncate(os.path.getsize(path) // 2)
-            raise OSError("disk full")
-        return real_save(obj, path, *args, **kwargs)
+    save_checkpoint(tmp_path, 1, _state(1))
+    real_save, real_replace = dist_checkpointing.save, os.replace
+
+    def failing_save(state, directory, *args, **kwargs):
+        real_save(state, directory, *args, **kwargs)
+        for shard in _distcp(__import__("pathlib").Path(directory)):  # died halfway through
+            with open(shard, "r+b") as handle:
+                handle.truncate(os.path.getsize(shard) // 2)
+        raise OSError("disk full")
 
     def failing_replace(src, dst):
         name = os.path.basename(dst)
         if (
-            (fail_at == "rank rename" and name.endswith(".pt"))
+            (fail_at == "manifest" and name == MANIFEST)
             or (fail_at == "directory rename" and name == "step_00000002")
             or (fail_at == "marker" and name == COMPLETE)
         ):
             raise OSError(f"killed before renaming to {name}")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    if fail_at == "shard write":
+        monkeypatch.setattr(dist_checkpointing, "save", failing_save)
     monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, 2, _state(2))
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 1)
-    _assert_state_equal(load_checkpoint(step_dir(tmp_path, 1)), _state(1))
+    _assert_loaded(_load(step_dir(tmp_path, 1)), 1)
 
 
-def _save_steps(directory, crash_at_step=None):
-    """Two gloo ranks save steps 1 and 2; rank 1 dies (SIGKILL) in step 2 before its file."""
+def _save_steps(directory, kill_in_step=None):
+    """Two gloo ranks save steps 1 and 2; rank 1 is SIGKILLed while writing step 2's shards."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import filesystem
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    save_checkpoint(directory, 1, _state(1, rank, 2))
+    if kill_in_step == 2 and rank == 1:
+        real_write = filesystem._write_item
+
+        def die_mid_write(*args, **kwargs):
+            real_write(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        filesystem._write_item = die_mid_write
+    save_checkpoint(directory, 2, _state(2, rank, 2))
+    return rank
+
+
+def _load_both(path, world):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    save_checkpoint(directory, 1, _state(1 + 10 * rank))
-    if crash_at_step == 2 and rank == 1:
-        real_save = torch.save
+    if world == 2:
+        loaded = load_checkpoint(path, _request(rank, 2))
+        return loaded["trainer"]["step"], torch.equal(loaded["w"], _tensor(1, rank))
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        def die_before_writing(obj, path, *args, **kwargs):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        checkpoint.torch.save = die_before_writing
-        try:
-            save_checkpoint(directory, 2, _state(2 + 10 * rank))
-        finally:
-            checkpoint.torch.save = real_save
-    save_checkpoint(directory, 2, _state(2 + 10 * rank))
-    return rank
+    whole = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(128, 32))}
+    loaded = load_checkpoint(path, whole)  # the two ranks' shards, resharded into one
+    expected = torch.cat([_tensor(1, 0), _tensor(1, 1)])
+    return loaded["trainer"]["step"], torch.equal(loaded["w"], expected)
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_complete(tmp_path):
+def test_kill_9_of_a_rank_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     with pytest.raises(DistributedTestError, match="rank 1: no result"):
-        run_distributed(_save_steps, 2, tmp_path, 2, timeout=60)
-    # Rank 0 wrote its step-2 file into step_2.partial and then waited for rank 1 forever.
-    assert (tmp_path / "step_00000002.partial" / "rank_00000.pt").is_file()
+        run_distributed(_save_steps, 2, tmp_path, 2, timeout=90)
+    # Rank 1 died inside its shard write; rank 0 waited for it; nothing was renamed.
+    assert (tmp_path / "step_00000002.partial").is_dir()
     assert not (tmp_path / "step_00000002").exists()
     assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 1)
-    # A restarted job (same world size) resumes from step 1, each rank its own state.
-    assert run_distributed(_load_both, 2, latest_checkpoint(tmp_path)) == [1, 11]
-
-
-def _load_both(path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    return load_checkpoint(path)["step"]
+    # A restarted job resumes from step 1: on the same 2 ranks, and resharded onto 1.
+    assert run_distributed(_load_both, 2, latest_checkpoint(tmp_path), 2) == [(1, True)] * 2
+    assert run_distributed(_load_both, 1, latest_checkpoint(tmp_path), 1) == [(1, True)]
 
 
 # --------------------------------------------------------------------- corrupt / hostile files
-@pytest.mark.parametrize(
-    "how, digest",
-    [("truncate", True), ("empty", True), ("garbage", True), ("flip one bit", True)]
-    + [("truncate", False), ("empty", False), ("garbage", False)],
-)
-def test_a_corrupt_rank_file_is_a_checkpoint_error_naming_the_file(tmp_path, how, digest):
+@pytest.mark.parametrize("target", ["shard", "common.pt", ".metadata"])
+@pytest.mark.parametrize("how", ["truncate", "empty", "garbage", "flip one bit"])
+def test_a_corrupt_file_is_a_checkpoint_error_naming_the_file(tmp_path, target, how):
     path = save_checkpoint(tmp_path, 1, _state(1))
-    file = _rank_file(path)
-    if not digest:  # a checkpoint of an older version: torch.load itself must fail clearly
-        (path / "rank_00000.pt.sha256").unlink()
+    file = _distcp(path)[0] if target == "shard" else path / target
     raw = bytearray(file.read_bytes())
     if how == "truncate":
         raw = raw[: len(raw) // 2]
@@ -158,24 +189,27 @@ def test_a_corrupt_rank_file_is_a_checkpoint_error_naming_the_file(tmp_path, how
     elif how == "garbage":
         raw = bytearray(os.urandom(len(raw)))
     else:
-        # A bit in the middle of a tensor's bytes: torch's zip reader checks no CRC, so without
-        # the SHA-256 beside the file this loads silently with one weight changed.
+        # A bit in the middle: torch's readers check no CRC, so without the manifest's
+        # SHA-256 this loads silently with one weight changed.
         raw[len(raw) // 2] ^= 0x01
     file.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=re.escape(str(file))):
-        load_checkpoint(path)
+        _load(path)
 
 
-def test_a_bit_flip_is_silent_without_the_digest(tmp_path):
-    """Why the SHA-256 exists: the same flip without it loads a different tensor, no error."""
+def test_missing_manifest_extra_file_and_another_format_are_named(tmp_path):
     path = save_checkpoint(tmp_path, 1, _state(1))
-    file = _rank_file(path)
-    raw = bytearray(file.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    file.write_bytes(bytes(raw))
-    (path / "rank_00000.pt.sha256").unlink()  # an older checkpoint: no digest
-    loaded = load_checkpoint(path)
-    assert not torch.equal(loaded["model"]["w"], _state(1)["model"]["w"])
+    (path / "stray.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="stray.bin: a file the manifest does not list"):
+        _load(path)
+    (path / "stray.bin").unlink()
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).write_text(json.dumps({**manifest, "format": "pr2-rank-files-0"}))
+    with pytest.raises(CheckpointError, match="format 'pr2-rank-files-0'"):
+        _load(path)
+    (path / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="missing or unreadable manifest"):
+        _load(path)
 
 
 class _CreatesMarker:
@@ -188,53 +222,31 @@ class _CreatesMarker:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-def test_a_malicious_pickle_is_rejected_and_never_executed(tmp_path, writer):
+def _forge_manifest(path):
+    """An attacker who also rewrites the manifest's digests."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = checkpoint._sha256(path / name)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("target", [".metadata", "common.pt"])
+def test_a_malicious_pickle_is_rejected_and_never_executed(tmp_path, target):
     marker = tmp_path / "payload_ran"
-    payload = {"step": 1, "world_size": 1, "rank": 0, "state": {"x": _CreatesMarker(marker)}}
-    pickle.loads(pickle.dumps(payload))["state"]["x"].close()  # the payload does work ...
+    payload = {"x": _CreatesMarker(marker)}
+    pickle.loads(pickle.dumps(payload))["x"].close()  # the payload does work ...
     assert marker.exists()
     marker.unlink()
     path = save_checkpoint(tmp_path / "ck", 1, _state(1))
-    file = _rank_file(path)
-    if writer == "torch.save":
-        torch.save(payload, file)
+    if target == ".metadata":
+        (path / target).write_bytes(pickle.dumps(payload))
     else:
-        file.write_bytes(pickle.dumps(payload))
-    (path / "rank_00000.pt.sha256").unlink()  # the attacker rewrote the digest away too
-    with pytest.raises(CheckpointError, match=re.escape(f"{file}: cannot be loaded as a weights")):
-        load_checkpoint(path)
+        torch.save(payload, path / target)
+    _forge_manifest(path)
+    with pytest.raises(Exception) as error:  # CheckpointError, or torch's weights-only refusal
+        _load(path)
+    assert target in str(error.value) or "weights_only" in str(error.value).lower()
     assert not marker.exists()  # ... and the loader never ran it
-
-
-# ----------------------------------------------------------------------------- world size
-def test_a_checkpoint_of_another_world_size_is_a_clear_error(tmp_path, monkeypatch):
-    path = save_checkpoint(tmp_path, 1, _state(1))  # written by 1 rank
-    for rank in (0, 1):
-        monkeypatch.setattr(checkpoint, "_rank_and_world", lambda rank=rank: (rank, 2))
-        with pytest.raises(CheckpointError, match="written by 1 ranks, this run has 2"):
-            load_checkpoint(path)
-    # Written by 2 ranks (simulated), loaded by 1.
-    monkeypatch.setattr(checkpoint, "_rank_and_world", lambda: (0, 1))
-    two = step_dir(tmp_path / "two", 5)
-    two.mkdir(parents=True)
-    for rank in (0, 1):
-        payload = {"step": 5, "world_size": 2, "rank": rank, "state": _state(rank)}
-        torch.save(payload, _rank_file(two, rank))
-    (two / COMPLETE).write_text("step 5\nworld_size 2\n")
-    with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 1"):
-        load_checkpoint(two)
-    # A marker without the world size (hand-made): the payload's own world size still tells.
-    (two / COMPLETE).write_text("")
-    with pytest.raises(CheckpointError, match="written with world size 2, this run has 1"):
-        load_checkpoint(two)
-
-
-def test_a_missing_rank_file_is_named(tmp_path):
-    path = save_checkpoint(tmp_path, 1, _state(1))
-    _rank_file(path).unlink()
-    with pytest.raises(CheckpointError, match="no file for rank 0 .rank_00000.pt is missing"):
-        load_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------ retention
@@ -246,7 +258,7 @@ def test_keep_retains_the_newest_complete_checkpoints(tmp_path, keep, kept):
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, _state(step), keep=keep)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == kept
-    _assert_state_equal(load_checkpoint(latest_checkpoint(tmp_path)), _state(5))
+    _assert_loaded(_load(latest_checkpoint(tmp_path)), 5)
 
 
 def test_negative_keep_is_rejected(tmp_path):
@@ -260,7 +272,11 @@ def test_resaving_a_step_and_a_missing_directory(tmp_path):
     save_checkpoint(tmp_path, 3, _state(3))
     save_checkpoint(tmp_path, 3, _state(4))  # same step again (e.g. a signal at the last step)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [3]
-    _assert_state_equal(load_checkpoint(step_dir(tmp_path, 3)), _state(4))
-    # Nothing but step directories, markers, rank files and their digests is left behind.
-    names = sorted(p.name for p in step_dir(tmp_path, 3).iterdir())
-    assert names == [COMPLETE, "rank_00000.pt", "rank_00000.pt.sha256"]
+    _assert_loaded(_load(step_dir(tmp_path, 3)), 4)
+    # Megatron's files, the manifest and the marker; nothing else is left behind.
+    names = {p.name for p in step_dir(tmp_path, 3).iterdir()}
+    assert {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"} <= names
+    assert all(
+        n.endswith(".distcp")
+        for n in names - {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"}
+    )

@@ -286,6 +286,10 @@ def test_cached_sampler_with_real_model_features(megatron_single, monkeypatch, f
         yarn_original_max_position_embeddings=16,
         **FEATURES[feature],
     )
+    from pr2_megatron.testing.moe import mla_build_blocker
+
+    if mla_build_blocker(config):
+        pytest.skip(mla_build_blocker(config))
     model, controller, path = _build(config, predictor_scale=1.0)
     problems = _problems([3, 7, 5, 9])
     results = []

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def _clean_env(**extra):
                 "CHECKPOINT_DIR", "RDZV_HOST", "RDZV_PORT", "CONTAINER_IMAGE", "CONTAINER_MOUNTS",
                 "SETUP_CMD", "TRAIN_MODULE"):  # fmt: skip
         env.pop(key, None)
+    env["PYTHON"] = sys.executable  # the launchers run this interpreter (its megatron-core)
     env.update(extra)
     return env
 

@@ -164,21 +164,11 @@ def test_published_configs_keep_their_routing_features():
 
 # --------------------------------------------------------------------- reduced, built on CPU
 def _build(model: MoEModelConfig, router: str = "pr2"):
-    from pr2_megatron.routing.compat import megatron_features
-    from pr2_megatron.testing.moe import TinySetup, build
+    from pr2_megatron.testing.moe import TinySetup, build, mla_build_blocker
 
-    features = megatron_features()
-    if (
-        model.multi_latent_attention
-        and model.q_lora_rank is None
-        and model.qk_norm == "head"
-        and features.mla_full_rank_q_fuses_q_norm
-        and not features.have_te
-    ):
-        pytest.skip(
-            f"megatron-core {features.version} fuses a full-rank-query MLA's q norm into "
-            "linear_q_proj (Transformer Engine only)"
-        )
+    blocker = mla_build_blocker(model)
+    if blocker:
+        pytest.skip(blocker)
     return build(TinySetup(model=model), router=router)
 
 

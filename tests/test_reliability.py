@@ -67,6 +67,8 @@ def _env(**extra):
     for key in ("CONFIG", "NPROC", "TRAIN_MODULE", "DRY_RUN"):
         env.pop(key, None)
     env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # The launchers run this interpreter (its megatron-core), as the in-process reference does.
+    env["PYTHON"] = sys.executable
     # torch 2.13's torchrun shares its rendezvous TCPStore with the workers by default; after a
     # restart the new workers read the dead workers' gloo addresses from it and hang for the
     # 30-minute store timeout (pytorch/pytorch#135712). Every --max-restarts launch needs this.
@@ -374,17 +376,17 @@ def test_parallel_sizes_that_do_not_fit_the_world_size(megatron_single, tmp_path
 
 
 def test_batch_sizes_that_do_not_divide_over_ranks_and_mini_steps():
-    from pr2_megatron.rl.train import _per_rank_samples
+    from pr2_megatron.rl.layout import check_layout
 
     cfg = load_config(
         None, ["rollout.prompts_per_step=4", "rollout.group_size=2", "replay.off_n=4"]
     )
-    assert _per_rank_samples(cfg, 2) == 4
+    assert check_layout(cfg, 2) == 2
     message = "rollout.prompts_per_step=4 is not divisible by the data-parallel size 3"
     with pytest.raises(ConfigError, match=message):
-        _per_rank_samples(cfg, 3)
-    with pytest.raises(ConfigError, match="holds 2 responses, not divisible by replay.off_n=4"):
-        _per_rank_samples(cfg, 4)
+        check_layout(cfg, 3)
+    with pytest.raises(ConfigError, match=r"holds 2 responses .*not divisible by replay.off_n=4"):
+        check_layout(cfg, 4)
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,33 @@ def test_tp2_ep2_sequence_parallel_padded_replay_in_another_layout():
 
 
 # ============================================================ CP slicing and gathering
+def _megatron_cp_split(batch, cp_group):
+    """Megatron's ``get_batch_on_this_cp_rank`` for ``cp_group`` (a real or a fake group).
+
+    Core 0.19 added a leading ``is_hybrid_cp`` and asks ``torch.distributed`` for the group's
+    size and rank (0.16.1 asks the group): a fake group answers both ways.
+    """
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    parameters = inspect.signature(get_batch_on_this_cp_rank).parameters
+    kwargs = {"is_hybrid_cp": False} if "is_hybrid_cp" in parameters else {}
+    if not isinstance(cp_group, _FakeGroup):
+        return get_batch_on_this_cp_rank(batch, cp_group=cp_group, **kwargs)
+    sizes, ranks = torch.distributed.get_world_size, torch.distributed.get_rank
+    torch.distributed.get_world_size = lambda group=None: (
+        group.size() if isinstance(group, _FakeGroup) else sizes(group)
+    )
+    torch.distributed.get_rank = lambda group=None: (
+        group.rank() if isinstance(group, _FakeGroup) else ranks(group)
+    )
+    try:
+        return get_batch_on_this_cp_rank(batch, cp_group=cp_group, **kwargs)
+    finally:
+        torch.distributed.get_world_size, torch.distributed.get_rank = sizes, ranks
+
+
 class _FakeGroup(SimpleNamespace):
     """What ``get_batch_on_this_cp_rank`` asks of a context-parallel group."""
 
@@ -376,8 +403,6 @@ class _FakeGroup(SimpleNamespace):
 
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
 def test_context_parallel_targets_match_megatron_cp_split(single_process_group, cp_size):
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
     seq = 16
     table = _random_table([seq, seq, seq], (1, 3), num_experts=8, topk=2, seed=3)
     batch = [2, 0, 1]
@@ -385,7 +410,7 @@ def test_context_parallel_targets_match_megatron_cp_split(single_process_group, 
     seen = []
     for cp_rank in range(cp_size):
         group = _FakeGroup(world=cp_size, me=cp_rank)
-        expected_BSLK = get_batch_on_this_cp_rank({"routes": full_BSLK.clone()}, group)["routes"]
+        expected_BSLK = _megatron_cp_split({"routes": full_BSLK.clone()}, group)["routes"]
         targets = micro_batch_targets(table, batch, seq, cp_rank=cp_rank, cp_size=cp_size)
         got_BSLK = targets.reshape(seq // cp_size, len(batch), 2, 2).transpose(0, 1)
         assert torch.equal(got_BSLK, expected_BSLK)
@@ -424,7 +449,6 @@ CP_LENGTHS = [16, 11, 13, 9]
 def _cp_round_trip(rollout_batches):
     """CP=2 × TP=2 (SP): each rank records its CP/SP slice of padded micro-batches; gather."""
     from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from pr2_megatron.runtime.parallel import initialize_parallel
 
@@ -451,7 +475,9 @@ def _cp_round_trip(rollout_batches):
         # The slice is what Megatron's CP split + SP scatter give this rank of the padded batch.
         full_BSLK = micro_batch_targets(table, batch, CP_SEQ, lengths=lengths[-1])
         full_BSLK = full_BSLK.reshape(CP_SEQ, len(batch), 2, 2).transpose(0, 1)
-        cp_BSLK = get_batch_on_this_cp_rank({"r": full_BSLK})["r"]
+        cp_BSLK = _megatron_cp_split({"r": full_BSLK}, parallel_state.get_context_parallel_group())[
+            "r"
+        ]
         chunk = cp_BSLK.shape[1] // where["tp_size"]
         sp_SBLK = cp_BSLK.transpose(0, 1)[where["tp_rank"] * chunk : (where["tp_rank"] + 1) * chunk]
         assert torch.equal(routes[-1], sp_SBLK.reshape(-1, 2, 2))

@@ -155,3 +155,48 @@ def test_predictability_diagnostic_records_every_step(tmp_path, mode):
         assert "predictor/topk_accuracy_plain/layer_1" in second
         rollout = _records(tmp_path, "rollout")[1]
         assert 0.0 <= rollout["predictor/route_change_fraction/layer_2"] <= 1.0
+
+
+def _optimizer_groups(overrides):
+    from pr2_megatron.rl.config import load_config
+    from pr2_megatron.rl.train import Trainer
+    from pr2_megatron.runtime.parallel import destroy_parallel
+
+    try:
+        trainer = Trainer(load_config("configs/tiny.yaml", overrides))
+    except ValueError as error:
+        destroy_parallel()
+        return type(error).__name__, str(error)
+    groups = []
+    for group in trainer.optimizer.optimizer.param_groups:
+        if group["params"]:
+            predictor = group["lr_mult"] == 2.0  # α (the params may be dist-opt shards)
+            groups.append((predictor, group["lr"], group["weight_decay"], tuple(group["betas"])))
+    destroy_parallel()
+    return groups
+
+
+def test_predictor_betas_and_weight_decay_reach_megatrons_optimizer(tmp_path):
+    base = [*TINY, f"logging.dir={tmp_path}", "optim.lr=0.001", "optim.weight_decay=0.1"]
+    base.append("parallel.expert_model_parallel_size=1")  # one rank
+    own = [
+        "router.pr2.lr_multiplier=2.0",
+        "router.pr2.predictor_betas=[0.8,0.95]",
+        "router.pr2.predictor_weight_decay=0.05",
+    ]
+    (groups,) = run_distributed(_optimizer_groups, 1, [*base, *own])
+    predictor = [g for g in groups if g[0]]
+    assert len(predictor) == 1
+    _, lr, decay, betas = predictor[0]
+    assert lr == pytest.approx(0.002) and decay == pytest.approx(0.05)
+    assert betas == pytest.approx((0.8, 0.95))
+    assert all(g[3] == pytest.approx((0.9, 0.999)) for g in groups if not g[0])
+    # The policy's settings by default (no key): its decay and betas at lr × α.
+    (groups,) = run_distributed(_optimizer_groups, 1, [*base, "router.pr2.lr_multiplier=2.0"])
+    (predictor,) = [g for g in groups if g[0]]
+    assert predictor[1:3] == pytest.approx((0.002, 0.1)) and predictor[3] == (0.9, 0.999)
+    # α = 1 with own betas: the group's checkpoint identifier would collide (ConfigError).
+    (error,) = run_distributed(
+        _optimizer_groups, 1, [*base, "router.pr2.predictor_betas=[0.8,0.95]"]
+    )
+    assert error[0] == "ConfigError" and "router.pr2.predictor_betas" in error[1]

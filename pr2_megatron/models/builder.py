@@ -9,7 +9,7 @@ import torch
 from pr2_megatron.models.attention import with_attention_features
 from pr2_megatron.models.config import MoEModelConfig, RouterKind
 from pr2_megatron.routing.router import PR2RouterConfig
-from pr2_megatron.runtime.parallel import ParallelConfig
+from pr2_megatron.runtime.parallel import ParallelConfig, mark_expert_parameters
 
 if TYPE_CHECKING:
     from pr2_megatron.routing.probmoe.router import ProbMoEConfig
@@ -63,6 +63,8 @@ def transformer_config(model: MoEModelConfig, parallel: ParallelConfig):
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
@@ -129,7 +131,8 @@ def build_gpt_moe(
     ``router='probmoe'`` builds :class:`pr2_megatron.routing.probmoe.router.ProbMoERouter` with the
     ``probmoe`` settings (PR2 phases and replay included). Call after
     :func:`pr2_megatron.runtime.parallel.initialize_parallel`. The pipeline stage is read
-    from Megatron's parallel state; with VPP pass ``vp_stage``.
+    from Megatron's parallel state; with VPP pass ``vp_stage``. Routed experts are marked
+    ``allreduce = False`` at every EP (``runtime.parallel.mark_expert_parameters``).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -168,6 +171,8 @@ def build_gpt_moe(
         share_embeddings_and_output_weights=model.tie_embeddings,
         vp_stage=vp_stage,
     )
+    # Experts reduced over the expert-data-parallel group at every EP (TP=2 at EP=1 included).
+    mark_expert_parameters(gpt)
     if torch.cuda.is_available():
         gpt.cuda()
     return gpt

@@ -93,6 +93,11 @@ class MoEModelConfig:
     yarn_original_max_position_embeddings: int = 4096
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
+    #: Start from this local Hugging Face checkpoint directory (config.json + *.safetensors:
+    #: Qwen3-MoE, OLMoE, DeepSeek-V3 / Moonlight) instead of random weights; its config must
+    #: match the keys above (``python -m pr2_megatron.models.hf config DIR`` prints them).
+    #: Each rank reads only its shards' tensors; the PR2 predictors start at zero.
+    hf_checkpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.topk > self.num_experts:

@@ -40,7 +40,11 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-MODES = ("none", "r2", "r3", "pr2")
+MODES = ("none", "r2", "r3", "pr2", "pr2-actor")
+#: The default comparison (``pr2-actor``, actor-side PR2, on request: ``--modes``).
+DEFAULT_MODES = ("none", "r2", "r3", "pr2")
+#: The config keys of a mode (``pr2-actor``: ``replay.mode=pr2 replay.predict_at=old_logprob``).
+MODE_KEYS = {"pr2-actor": ["replay.mode=pr2", "replay.predict_at=old_logprob"]}
 
 
 def run_mode(config: str, mode: str, out: Path, nproc: int, overrides: list[str]) -> Path:
@@ -49,7 +53,8 @@ def run_mode(config: str, mode: str, out: Path, nproc: int, overrides: list[str]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "pr2_megatron.rl.train", "--config", config,
-        *overrides, f"replay.mode={mode}", f"logging.dir={run_dir}", "checkpoint.dir=null",
+        *overrides, *MODE_KEYS.get(mode, [f"replay.mode={mode}"]), f"logging.dir={run_dir}",
+        "checkpoint.dir=null",
     ]  # fmt: skip
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, TORCHDYNAMO_DISABLE=os.environ.get("TORCHDYNAMO_DISABLE", "1"))
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compare none / r2 / r3 / pr2 on one job")
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {MODES}")
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("NPROC", "2")))
     parser.add_argument("--reuse", action="store_true", help="summarize existing runs only")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every mode")

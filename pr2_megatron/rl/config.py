@@ -57,14 +57,23 @@ class ReplayConfig:
     """How training forwards choose experts (docs/design.md, "Replay modes")."""
 
     #: ``none`` live top-k; ``r2`` routes of the trainer's old-log-prob pass; ``r3`` routes of
-    #: the rollout; ``pr2`` predicted routes recorded at rollout.
+    #: the rollout; ``pr2`` predicted routes (where: ``predict_at``). The table of what each
+    #: mode does in each pass: ``pr2_megatron/rl/modes.py``.
     mode: Literal["none", "r2", "r3", "pr2"] = "pr2"
+    #: Where ``pr2`` applies the predictor: ``rollout`` (rollout-side: the rollout engine
+    #: records predicted routes) or ``old_logprob`` (actor-side, ``pr2-actor``: the trainer's
+    #: old-log-prob pass predicts in training numerics and every training forward replays those
+    #: routes, R2-style; the rollout routes live, so vLLM / SGLang need no change).
+    predict_at: Literal["rollout", "old_logprob"] = "rollout"
     #: Off-N: optimizer mini-steps per rollout batch (1, 2, 4, 8, ...).
     off_n: int = 4
 
     def __post_init__(self) -> None:
+        from pr2_megatron.rl.modes import replay_mode
+
         if self.off_n < 1:
             raise ValueError(f"replay.off_n must be >= 1, got {self.off_n}")
+        replay_mode(self.mode, self.predict_at)  # ValueError naming both keys
 
 
 @dataclass
@@ -192,8 +201,13 @@ class OptimConfig:
     #: Adam betas.
     beta1: float = 0.9
     beta2: float = 0.999
-    #: Clip the global gradient norm to this (0 disables clipping).
+    #: Clip the global gradient norm to this (0 disables clipping; Megatron's clipping over
+    #: every parameter of the model, the predictors' included).
     grad_clip: float = 1.0
+    #: Megatron's distributed optimizer (fp32 main parameters and Adam states sharded over the
+    #: data-parallel ranks). False: Megatron's FP32 optimizer (fp32 models only: a bf16 model
+    #: with the fp32 predictor needs the distributed one to checkpoint in megatron-core 0.16.1).
+    distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -241,6 +255,14 @@ class CheckpointConfig:
     resume: bool = True
     #: Complete checkpoints kept (older ones are deleted after a new one is complete).
     keep: int = 2
+    #: Write checkpoints in the background (Megatron's async save in a forked worker); the
+    #: next save, the end of the run and a signal wait for it. The step it holds is what the
+    #: model was when the save began.
+    async_save: bool = False
+    #: At the end of the run (not on a signal stop), write the model as a Hugging Face
+    #: checkpoint into this directory (None: no export): config.json (``model.hf_checkpoint``'s
+    #: when set, else generated) + safetensors, one file per writing rank with an index.
+    export_hf: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.interval < 0:
@@ -293,6 +315,12 @@ class TrainConfig:
             )
         if self.replay.mode == "pr2" and self.router.kind != "pr2":
             raise ValueError(f"replay.mode='pr2' needs router.kind='pr2', got {self.router.kind!r}")
+        if self.model.params_dtype == "bf16" and not self.optim.distributed_optimizer:
+            raise ValueError(
+                "model.params_dtype='bf16' needs optim.distributed_optimizer=true: megatron-core "
+                "0.16.1's Float16 optimizer cannot checkpoint a bf16 model with fp32 parameters "
+                "(the PR2 predictors)"
+            )
         if self.task.dataset is not None and self.tokenizer.path is None:
             raise ValueError(
                 f"task.dataset={self.task.dataset!r} needs tokenizer.path (a local Hugging Face "

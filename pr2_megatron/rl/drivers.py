@@ -9,13 +9,18 @@ that persists across rollout batches (docs/pr2_effect.md, "The testbed").
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
 
-def set_aux_loss_coeff(model: torch.nn.Module, coeff: Optional[float]) -> Optional[float]:
-    """Set every MoE router's ``moe_aux_loss_coeff`` to ``coeff``; return the previous value.
+def set_aux_loss_coeff(
+    model: Union[torch.nn.Module, Sequence[torch.nn.Module]], coeff: Optional[float]
+) -> Optional[float]:
+    """Set the ``moe_aux_loss_coeff`` of every MoE router (of a model or its chunks).
+
+    Returns the previous value.
 
     ``coeff`` None changes nothing (and returns None), so ``set_aux_loss_coeff(model,
     set_aux_loss_coeff(model, c))`` restores the model's own coefficient.
@@ -24,7 +29,10 @@ def set_aux_loss_coeff(model: torch.nn.Module, coeff: Optional[float]) -> Option
 
     if coeff is None:
         return None
-    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, Router)}
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    configs = {
+        id(m.config): m.config for chunk in chunks for m in chunk.modules() if isinstance(m, Router)
+    }
     previous = None
     for config in configs.values():
         previous = config.moe_aux_loss_coeff

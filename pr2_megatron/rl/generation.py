@@ -58,7 +58,7 @@ from pr2_megatron.rl.rollout import (
     numerics,
     prompt_buffer,
 )
-from pr2_megatron.rl.sampling import StepNoise, sample_with_noise
+from pr2_megatron.rl.sampling import make_noise, sample_with_noise
 from pr2_megatron.rl.tasks import Problem
 from pr2_megatron.routes.path import MicroBatch
 from pr2_megatron.routes.table import route_dtype
@@ -123,7 +123,7 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator,
     eos_id: int,
     pad_id: int,
     path=None,
@@ -137,6 +137,9 @@ def generate(
     else the full-forward sampler (:func:`~pr2_megatron.rl.rollout.generate_full_forward`),
     with a one-line notice when the cache was asked for but cannot run. Both take the same
     arguments and return the same :class:`~pr2_megatron.rl.rollout.RolloutMicroBatch`.
+    ``generator``: one CPU ``torch.Generator`` for the micro-batch (:class:`~pr2_megatron.rl.
+    sampling.StepNoise`), or one per sequence (:class:`~pr2_megatron.rl.sampling.SampleNoise`:
+    the tokens then do not depend on how samples are grouped into micro-batches).
     """
     _check_layout(model)
     kwargs = dict(
@@ -204,7 +207,7 @@ def generate_cached(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator,
     eos_id: int,
     pad_id: int,
     path=None,
@@ -252,7 +255,7 @@ def generate_cached(
     device = model_device(model)
     context = StaticInferenceContext(batch, seq_len)
     context.materialize_only_last_token_logits = True  # only the last position is sampled
-    noise: Optional[StepNoise] = None
+    noise = None  # StepNoise or SampleNoise, once the vocabulary size is known
     captured_FB: list[torch.Tensor] = []  # decoding forwards: which rows keep their route
     inner = _unwrap(model)
     was_training = inner.training
@@ -291,7 +294,7 @@ def generate_cached(
                 )
             context.increment_sequence_len_offset(width)
             if noise is None:
-                noise = StepNoise(generator, batch, logits_B1V.shape[-1], max_new_tokens)
+                noise = make_noise(generator, batch, logits_B1V.shape[-1], max_new_tokens)
             rows_R = torch.nonzero(sampling_B).squeeze(-1)
             if rows_R.numel():
                 noise_RV = noise.take(step_B[rows_R], rows_R, ~finished_B)

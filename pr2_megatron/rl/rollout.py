@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from pr2_megatron.rl.sampling import sample_tokens
+from pr2_megatron.rl.sampling import make_noise, sample_tokens, sample_with_noise
 from pr2_megatron.rl.tasks import Problem
 from pr2_megatron.routes.path import MicroBatch
 from pr2_megatron.routes.table import route_dtype
@@ -148,7 +148,7 @@ def generate_full_forward(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    generator,
     eos_id: int,
     pad_id: int,
     path=None,
@@ -180,6 +180,7 @@ def generate_full_forward(
     # Which position's route to keep from each forward: prefill keeps the prompt, later steps
     # the token just fed (-1: nothing, the sequence has stopped).
     keep_after_prefill: list[torch.Tensor] = []
+    noise = None
     for step in range(max_new_tokens):
         if recording:
             captured = _captured_positions(step, prompt_lens, lengths, active, seq_len)
@@ -187,21 +188,43 @@ def generate_full_forward(
         with torch.no_grad(), numerics(dtype):
             logits = forward_logits(model, tokens[:, :seq_len].to(device))
         last_BV = logits[torch.arange(batch, device=device), (lengths - 1).to(device)]
-        new_tokens, new_logprobs = sample_tokens(last_BV, temperature, top_p, generator)
-        new_tokens, new_logprobs = new_tokens.cpu(), new_logprobs.float().cpu()
+        if noise is None:
+            noise = make_noise(generator, batch, last_BV.shape[-1], max_new_tokens)
         if step > 0:
             keep_after_prefill.append(torch.where(active, lengths - 1, -1))
-        rows = torch.nonzero(active).squeeze(-1)
-        tokens[rows, lengths[rows]] = new_tokens[rows]
-        logprobs[rows, lengths[rows] - 1] = new_logprobs[rows]
-        lengths[rows] += 1
-        active &= new_tokens != eos_id
+        sample_step(tokens, logprobs, lengths, active, last_BV, step, noise, temperature, top_p)
+        active &= tokens[torch.arange(batch), lengths - 1] != eos_id
+    noise.finish()
     out = RolloutMicroBatch(tokens, prompt_lens, lengths, logprobs, sample_ids)
     if recording:
-        out.routes_SBLK, out.plain_routes_SBLK = _captured_routes(
-            controller, first_forward, seq_len, batch, prompt_lens, keep_after_prefill
+        phase = controller.phase.value
+        routes = controller.collect_routes()[first_forward:]
+        plain = controller.collect_plain_routes()[first_forward:] if phase == "predict" else routes
+        positions = _local_positions(seq_len, routes[0].shape[0] // batch, path)
+        dtype_ = route_dtype(controller.route_id_bound)
+        out.routes_SBLK, out.plain_routes_SBLK = (
+            captured_routes(r, positions, batch, prompt_lens, keep_after_prefill, dtype_)
+            for r in (routes, plain)
         )
     return out
+
+
+def sample_step(tokens, logprobs, lengths, active, last_BV, step, noise, temperature, top_p):
+    """Sample the ``step``-th new token of the active rows; write it into the CPU buffers.
+
+    ``tokens`` ``[B, S + 1]``, ``logprobs`` ``[B, S]``, ``lengths`` and ``active`` ``[B]`` (CPU)
+    are updated in place for the active rows (``lengths`` grows by one there).
+    """
+    rows = torch.nonzero(active).squeeze(-1)
+    if rows.numel() == 0:
+        return
+    noise_RV = noise.take(torch.full_like(rows, step), rows, active)
+    new_R, logprob_R = sample_with_noise(
+        last_BV[rows.to(last_BV.device)], temperature, top_p, noise_RV
+    )
+    tokens[rows, lengths[rows]] = new_R.cpu()
+    logprobs[rows, lengths[rows] - 1] = logprob_R.float().cpu()
+    lengths[rows] += 1
 
 
 def _captured_positions(step, prompt_lens, lengths, active, seq_len) -> torch.Tensor:
@@ -212,40 +235,36 @@ def _captured_positions(step, prompt_lens, lengths, active, seq_len) -> torch.Te
     return (position == (lengths - 1).unsqueeze(0)) & active.unsqueeze(0)
 
 
-def _captured_routes(controller, first_forward, seq_len, batch, prompt_lens, keep_after_prefill):
-    """Assemble ``[S_local, B, L, K]`` routes from the forwards of one :func:`generate` call.
-
-    With sequence parallelism a rank's routers see only its chunk of ``S / TP`` positions; the
-    chunk is assembled here and gathered over TP together with the other ranks' routes later
-    (:meth:`pr2_megatron.routes.RoutePath.gather`).
-    """
-    phase = controller.phase.value
-    routes = controller.collect_routes()[first_forward:]
-    plain = controller.collect_plain_routes()[first_forward:] if phase == "predict" else routes
-    local_len = routes[0].shape[0] // batch
-    start = _chunk_start(seq_len, local_len)
-    shape = (local_len, batch, *routes[0].shape[1:])
-    dtype = route_dtype(controller.route_id_bound)
-    out, out_plain = (torch.zeros(shape, dtype=dtype) for _ in range(2))
-    prompt_end = (prompt_lens - start).clamp(0, local_len)
-    prefill, prefill_plain = routes[0].view(shape), plain[0].view(shape)
-    for b in range(batch):
-        out[: prompt_end[b], b] = prefill[: prompt_end[b], b].to(dtype)
-        out_plain[: prompt_end[b], b] = prefill_plain[: prompt_end[b], b].to(dtype)
-    for forward, positions in enumerate(keep_after_prefill, start=1):
-        step_routes, step_plain = routes[forward].view(shape), plain[forward].view(shape)
-        for b, position in enumerate(positions.tolist()):
-            local = position - start
-            if position >= 0 and 0 <= local < local_len:
-                out[local, b] = step_routes[local, b].to(dtype)
-                out_plain[local, b] = step_plain[local, b].to(dtype)
-    return out, out_plain
-
-
-def _chunk_start(seq_len: int, local_len: int) -> int:
-    """First position of this rank's sequence chunk (sequence parallelism), else 0."""
+def _local_positions(seq_len: int, local_len: int, path) -> torch.Tensor:
+    """``[S_local]``: the position of each of this rank's router rows (its CP part, SP chunk)."""
     if local_len == seq_len:
-        return 0
-    from megatron.core import parallel_state
+        return torch.arange(seq_len)
+    if path is not None:
+        return path.local_rows(torch.arange(seq_len))
+    from megatron.core import parallel_state  # sequence parallelism without a path
 
-    return parallel_state.get_tensor_model_parallel_rank() * local_len
+    start = parallel_state.get_tensor_model_parallel_rank() * local_len
+    return torch.arange(start, start + local_len)
+
+
+def captured_routes(routes_F, positions_R, batch, prompt_lens, keep_after_prefill, dtype):
+    """``[S_local, B, L, K]`` routes of one micro-batch's generation forwards (full forwards).
+
+    ``routes_F[f]``: forward f's ``[S_local·B, L, K]`` routes, in Megatron's ``[S, B]`` order of
+    the rank's rows, whose positions are ``positions_R`` (the rank's CP part and SP chunk:
+    :meth:`~pr2_megatron.routes.RoutePath.local_rows`). Forward 0 keeps the prompt positions,
+    forward ``f >= 1`` the position ``keep_after_prefill[f - 1][b]`` of sample b (-1: none).
+    Positions never kept are 0. Routes are stored in ``dtype`` (the route table's).
+    """
+    local_len = positions_R.numel()
+    shape = (local_len, batch, *routes_F[0].shape[1:])
+    out = torch.zeros(shape, dtype=dtype)
+    prompt_RB = positions_R.unsqueeze(1) < prompt_lens.unsqueeze(0)
+    prefill = routes_F[0].reshape(shape).cpu().to(dtype)
+    out[prompt_RB] = prefill[prompt_RB]
+    for forward, keep_B in enumerate(keep_after_prefill, start=1):
+        keep_RB = (positions_R.unsqueeze(1) == keep_B.unsqueeze(0)) & (keep_B >= 0).unsqueeze(0)
+        if bool(keep_RB.any()):
+            step_routes = routes_F[forward].reshape(shape).cpu().to(dtype)
+            out[keep_RB] = step_routes[keep_RB]
+    return out

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["StepNoise", "sample_tokens", "sample_with_noise"]
+__all__ = ["SampleNoise", "StepNoise", "make_noise", "sample_tokens", "sample_with_noise"]
 
 
 def _check_cpu_generator(generator: torch.Generator) -> None:
@@ -163,3 +163,57 @@ class StepNoise:
             self._scratch = torch.Generator()
         self._scratch.set_state(held)
         return _noise(1, self.vocab, self._scratch)[0]
+
+
+class SampleNoise:
+    """The sampling noise of B sequences, one generator per sequence (layout-free sampling).
+
+    Row b's k-th new token uses the k-th ``[V]`` draw of ``generators[b]``, whatever the other
+    rows of its micro-batch, the micro-batch size, the data-parallel split or the sampler: the
+    trainer seeds each sample's generator from (seed, step, global sample id), so a run in
+    another layout samples the same tokens. Same interface as :class:`StepNoise`.
+    """
+
+    def __init__(self, generators, vocab: int, steps: int) -> None:
+        for generator in generators:
+            _check_cpu_generator(generator)
+        self.generators, self.vocab, self.steps = list(generators), vocab, steps
+        self._next = [0] * len(self.generators)  # per row: the step of its next draw
+
+    def held_bytes(self) -> int:
+        """Nothing is held: every row draws from its own stream when it asks."""
+        return 0
+
+    def take(
+        self, steps_R: torch.Tensor, rows_R: torch.Tensor, pending_B: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R, V]`` noise: row ``rows_R[i]``'s draw of step ``steps_R[i]`` (steps in order)."""
+        out = []
+        for step, row in zip(steps_R.tolist(), rows_R.tolist()):
+            if not 0 <= step < self.steps:
+                raise ValueError(f"generation step {step} outside [0, {self.steps})")
+            if step != self._next[row]:
+                raise ValueError(
+                    f"row {row} asks for step {step}, its next draw is step {self._next[row]}"
+                )
+            out.append(_noise(1, self.vocab, self.generators[row])[0])
+            self._next[row] += 1
+        if not out:
+            return torch.empty(0, self.vocab)
+        return torch.stack(out)
+
+    def drop_row(self, row: int) -> None:
+        """Nothing to forget (a finished row never asks again)."""
+
+    def finish(self) -> None:
+        """Nothing to draw: the generators are the rows' own."""
+
+
+def make_noise(generator, batch: int, vocab: int, steps: int):
+    """:class:`StepNoise` for one generator, :class:`SampleNoise` for one per sequence."""
+    if isinstance(generator, torch.Generator):
+        return StepNoise(generator, batch, vocab, steps)
+    generators = list(generator)
+    if len(generators) != batch:
+        raise ValueError(f"{len(generators)} sampling generators for {batch} sequences")
+    return SampleNoise(generators, vocab, steps)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pr2_megatron.errors import RouteError
+from pr2_megatron.routes.wire import _all_gather
 
 __all__ = ["FirstProblem"]
 
@@ -112,13 +113,6 @@ class FirstProblem:
                 f"forward {forward}: sample id {sample} has length {value}, outside the "
                 f"forward's [0, {position}] tokens"
             )
-
-
-def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
-    size = dist.get_world_size(group)
-    out = local.new_empty((size * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
-    return out.view(size, *local.shape)
 
 
 def _rows_with_duplicates(routes_XK: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from pr2_megatron.errors import RouteError
-from pr2_megatron.routes.table import IntArray, RouteTable, SampleIds, _as_id_list, _as_int_tensor
+from pr2_megatron.routes.table import RouteTable
+from pr2_megatron.routes.values import IntArray, SampleIds, _as_id_list, _as_int_tensor
 
 __all__ = ["from_engine_routed_experts"]
 

@@ -261,7 +261,7 @@ def packed_token_keys(
 # --------------------------------------------------------------------------------- gather
 def _full_stream(local_TPLX, batch: PackedMicroBatch, tp_group, tp_size, cp_group, cp_size):
     """The TP (SP) and CP ranks' rows -> the whole packed stream ``[T, P, L, X]`` (bytes)."""
-    from pr2_megatron.routes.gather import _all_gather
+    from pr2_megatron.routes.wire import _all_gather
 
     if tp_size > 1:
         local_TPLX = _all_gather(local_TPLX, tp_group).reshape(-1, *local_TPLX.shape[1:])
@@ -302,7 +302,8 @@ def gather_packed_route_table(
     placeholder columns: packed micro-batches differ in size across data-parallel ranks; one
     small exchange per table agrees on the shapes). Only real tokens enter the table.
     """
-    from pr2_megatron.routes.gather import _as_bytes, gather_route_table
+    from pr2_megatron.routes.gather import gather_route_table
+    from pr2_megatron.routes.wire import _as_bytes
 
     def size(group):
         return 1 if group is None else dist.get_world_size(group)
@@ -318,7 +319,7 @@ def gather_packed_route_table(
     shape_F2 = torch.tensor(
         [[max(max(b.lengths), 1), len(b)] for b in batches], dtype=torch.long, device=device
     ).reshape(-1, 2)
-    from pr2_megatron.routes.gather import _all_gather
+    from pr2_megatron.routes.wire import _all_gather
 
     group = data_group if data_group is not None else dist.group.WORLD
     if dist.get_world_size(group) > 1:

@@ -18,6 +18,15 @@ What it changes, and why:
 * ``moe_utils.te_general_gemm`` is defined as ``None`` where core 0.16.1 forgets it without TE.
 * :func:`pipeline_on_cpu` is a context for Megatron's pipeline schedules: tensor factories
   asked for ``device="cuda"`` get the CPU, and batched p2p is off (active only inside it).
+* Megatron's optimizers (``get_megatron_optimizer``: FP32, Float16 with fp32 main params,
+  distributed), gradient clipping and ``dist_checkpointing`` run inside a scoped torch function
+  mode (:class:`_CudaOnCPU`, active only within the wrapped entry points) that sends
+  ``device="cuda"`` factories to the CPU, answers ``Tensor.type()`` in CUDA spelling
+  (``"torch.cuda.FloatTensor"``, which their dtype checks compare against) and makes
+  ``Tensor.cuda()`` the identity; ``torch.cuda.synchronize`` is a no-op (the checkpoint writer
+  and batched p2p call it); the checkpoint writer's memory log works without ``psutil``; and
+  the distributed optimizer's checkpoint load with torch's AdamW (no Apex/TE) gets the per-
+  parameter ``step`` it expects (:func:`_enable_cpu_optimizer`).
 
 Norms with sequence parallelism are not patched: :class:`SequenceParallelTorchNorm` is a norm
 module that the spec builder (``pr2_megatron.routing.specs``) plugs in on CPU.
@@ -159,6 +168,7 @@ def enable_cpu_bringup() -> None:
     if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
         multi_latent_attention.TELinear = type("NoTELinear", (), {})
 
+    _enable_cpu_optimizer()
     _ENABLED = True
     logger.info("CPU bring-up enabled for megatron-core (gloo, CPU RNG tracker)")
 
@@ -212,6 +222,126 @@ class _CudaFactoriesOnCPU(TorchFunctionMode):
         if device is not None and torch.device(device).type == "cuda":
             kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)
+
+
+class _CudaOnCPU(_CudaFactoriesOnCPU):
+    """:class:`_CudaFactoriesOnCPU`, plus ``Tensor.type()`` in CUDA spelling and ``.cuda()`` = self.
+
+    Megatron's optimizers check ``param.type() == "torch.cuda.FloatTensor"`` (or
+    ``BFloat16Tensor``) and raise a TypeError otherwise; the fully-parallel checkpoint load
+    calls ``.cuda()``. Active only inside the entry points :func:`_in_cpu_mode` wraps.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _in_cpu_mode(owner, name: str) -> None:
+    """Wrap ``owner.name`` so that it runs inside :class:`_CudaOnCPU` (once)."""
+    function = getattr(owner, name)
+    if getattr(function, "_pr2_cpu_mode", False):
+        return
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _CudaOnCPU():
+            return function(*args, **kwargs)
+
+    wrapper._pr2_cpu_mode = True
+    setattr(owner, name, wrapper)
+
+
+_OPTIMIZER_ENTRY_POINTS = (
+    "step",
+    "prepare_grads",
+    "step_with_ready_grads",
+    "get_grad_norm",
+    "clip_grad_norm",
+    "count_zeros",
+    "state_dict",
+    "sharded_state_dict",
+    "load_state_dict",
+    "reload_model_params",
+)
+
+
+def _enable_cpu_optimizer() -> None:
+    """Megatron's optimizer stack and ``dist_checkpointing`` on CPU (see the module docstring).
+
+    megatron-core 0.16.1 builds its optimizers with ``torch.tensor(..., device="cuda")`` and
+    ``param.type()`` checks, computes every grad norm (``ChainedOptimizer.step`` always does)
+    with CUDA scratch tensors, and its checkpoint writer calls ``torch.cuda.synchronize`` and,
+    for a debug line, ``psutil``.
+    """
+    import megatron.core.optimizer as megatron_optimizer
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, fully_parallel
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    _in_cpu_mode(megatron_optimizer, "_get_megatron_optimizer_based_on_param_groups")
+    for cls in (
+        optimizer.FP32Optimizer,
+        optimizer.MixedPrecisionOptimizer,
+        optimizer.Float16OptimizerWithFloat16Params,
+        optimizer.ChainedOptimizer,
+        distrib_optimizer.DistributedOptimizer,
+    ):
+        for name in _OPTIMIZER_ENTRY_POINTS:
+            if name in vars(cls):
+                _in_cpu_mode(cls, name)
+    for name in ("clip_grad_by_total_norm_fp32", "get_grad_norm_fp32", "count_zeros_fp32"):
+        _in_cpu_mode(clip_grads, name)
+    _in_cpu_mode(fully_parallel.FullyParallelLoadStrategyWrapper, "load")
+    torch.cuda.synchronize = lambda device=None: None  # nothing to wait for without CUDA
+    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
+        filesystem_async._process_memory = lambda: 0  # only feeds a debug log line
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        _patch_distributed_optimizer_step_state(distrib_optimizer.DistributedOptimizer)
+
+
+def _patch_distributed_optimizer_step_state(cls) -> None:
+    """The distributed optimizer's checkpoint load with torch's AdamW (no Apex / TE).
+
+    megatron-core 0.16.1, torch-AdamW fallback: ``state_dict()`` asserts one common per-param
+    ``step``, which a fresh optimizer (empty state: exactly when ``sharded_state_dict(
+    is_loading=True)`` calls it) lacks; ``load_state_dict`` then puts one *shared* ``step``
+    tensor into every parameter's state (AdamW would increment it once per parameter per step:
+    16 instead of 2 after one step) and copies every state key, ``step`` included, from tensors
+    that never hold it (KeyError). Fresh state gets ``step = 0``; the copy skips absent keys;
+    each parameter gets its own ``step`` after the load.
+    """
+    state_dict, load_state_dict = cls.state_dict, cls.load_state_dict
+    set_states = cls._set_main_param_and_optimizer_states
+
+    def fresh_state_dict(self):
+        if len(self.optimizer.state) == 0:
+            self.init_state_fn(self.optimizer, self.config)
+            for state in self.optimizer.state.values():
+                state["step"] = torch.tensor(0.0)
+        return state_dict(self)
+
+    def unshared_load_state_dict(self, state):
+        load_state_dict(self, state)
+        for param_state in self.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()
+
+    def copy_present_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        targets = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            targets[key].copy_(value)
+
+    cls.state_dict = fresh_state_dict
+    cls.load_state_dict = unshared_load_state_dict
+    cls._set_main_param_and_optimizer_states = copy_present_states
 
 
 @contextlib.contextmanager

@@ -163,3 +163,26 @@ def chunks_global_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict:
     for chunk in model_chunks:
         out.update(global_parameters(chunk))
     return out
+
+
+def mla_build_blocker(model: MoEModelConfig) -> Optional[str]:
+    """Why this installed megatron-core cannot build ``model``'s MLA here, or None.
+
+    Core 0.19.2 fuses a full-rank-query MLA's q norm into ``linear_q_proj``, a fused norm +
+    linear only Transformer Engine provides; tests skip such a model without TE.
+    """
+    from pr2_megatron.routing.compat import megatron_features
+
+    features = megatron_features()
+    if (
+        model.multi_latent_attention
+        and model.q_lora_rank is None
+        and model.qk_norm == "head"
+        and features.mla_full_rank_q_fuses_q_norm
+        and not features.have_te
+    ):
+        return (
+            f"megatron-core {features.version} fuses a full-rank-query MLA's q norm into "
+            "linear_q_proj (Transformer Engine only)"
+        )
+    return None
