@@ -24,6 +24,11 @@ replay), for stacks that drive it (verl, NeMo-RL, Megatron's inference engine):
 Whatever the phase, the forward recomputed in backward (Megatron's ``moe`` selective recompute
 or full recompute) reuses the experts of the forward it recomputes, paired by forward number in
 any backward order (:mod:`pr2_megatron.routing.recompute`).
+
+The router's pieces: :mod:`.router_config` (phases, :class:`PR2RouterConfig`, the Megatron
+settings replay cannot run with), :mod:`.router_predictor` (the predict-phase shift through the
+stabilisers and the predictor loss), :mod:`.router_protocol` (Megatron's ``RouterReplay``
+protocol); this module keeps the forward, the phase bookkeeping and the route queues.
 """
 
 from __future__ import annotations
@@ -31,196 +36,34 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
 from pr2_megatron.errors import RouteError
-from pr2_megatron.metrics.agreement import topk_overlap
 from pr2_megatron.routes.table import route_dtype
 from pr2_megatron.routing.compat import require_router_seam
 from pr2_megatron.routing.feature_cache import FeatureCache
-from pr2_megatron.routing.megatron_replay import (
-    KEY_STRIDE as RECORD_KEY_STRIDE,
-)
 from pr2_megatron.routing.megatron_replay import (
     PR2RouterReplay,
     RouterReplayAction,
 )
 from pr2_megatron.routing.predictor import (
-    PREDICTOR_LOSSES,
     EvolutionPredictor,
-    PredictorLoss,
-    predictor_loss,
 )
 from pr2_megatron.routing.recompute import RecomputeRoutes, in_backward
-from pr2_megatron.routing.stabilisers import (
-    DEPTH_SCHEDULES,
-    SHIFT_WEIGHTINGS,
-    DeltaSettings,
-    changed_routes,
-    depth_fraction,
-    loss_weights,
-    margin_cap_eta,
-    stabilise_delta,
+from pr2_megatron.routing.router_config import (
+    PR2RouterConfig,
+    RoutingPhase,
+    check_config_supports_replay,
 )
-
-
-class RoutingPhase(str, Enum):
-    """What the routers do in the next forwards."""
-
-    OFF = "off"
-    RECORD = "record"
-    PREDICT = "predict"
-    REPLAY = "replay"
-
-
-@dataclass
-class PR2RouterConfig:
-    """Settings of the PR2 router (docs/design.md, "The algorithm")."""
-
-    #: Predictor learning rate = model lr × this (the paper sweeps 5e1…1e4).
-    lr_multiplier: float = 1e3
-    #: Predictor loss: ``kl-post`` (paper default), ``l2`` or ``kl``.
-    loss: PredictorLoss = "kl-post"
-    #: T_c: at most this many tokens per response are cached per layer for the predictor.
-    feature_cache_tokens: int = 2048
-    #: Seed of the cache's uniform token sampling (offset by the layer number).
-    cache_seed: int = 1234
-    #: At most this many tokens cached per MoE layer on a rank over all responses (None: no
-    #: cap): the smallest sampling priorities of all responses' candidates, a uniform sample.
-    #: Host memory per rank <= this × MoE layers × (2H + 4E) bytes (about 1.5x while filling).
-    feature_cache_max_total_tokens: Optional[int] = None
-    #: Take part in Megatron's ``RouterReplay`` protocol (needs Megatron's
-    #: ``moe_enable_routing_replay=True``): stacks that drive it (verl R2/R3, NeMo-RL, Megatron's
-    #: inference engine) get PR2 without changing their code -- RECORD records the predicted
-    #: route, replay forwards replay and train the predictor once the router moved
-    #: (:mod:`pr2_megatron.routing.megatron_replay`). Off: the router never registers there.
-    megatron_router_replay: bool = False
-    # ---- the PR2 authors' stabilisers (docs/pr2_effect.md); all off by default, as in their
-    # "paper" ablation; values in comments are their last ablation's (all on) ----
-    #: Depth scale γ_l on Δ: ``γ_l = 1 − decay(d)·(1 − γ_min)``, d = (l − 1)/(L − 1) of the
-    #: 1-based layer l of L transformer layers; decay ``none`` (off: γ = 1), ``linear`` (d),
-    #: ``sqrt`` (√d; theirs) or ``cosine`` (½(1 − cos πd)).
-    delta_depth_schedule: Literal["none", "linear", "sqrt", "cosine"] = "none"
-    #: γ_min of the depth scale (theirs: 0.5); used only with a depth schedule.
-    delta_depth_gamma_min: float = 0.5
-    #: Magnitude cap r_max (None: off; theirs 0.015): if mean|Δ| > r_max·mean|z_old| over a
-    #: forward's tokens, Δ is scaled down to exactly that ratio.
-    delta_magnitude_cap: Optional[float] = None
-    #: Margin cap η (None: off; theirs 1.0): each token's Δ is scaled so that
-    #: max|Δ| <= η·m/2, m = k-th minus (k+1)-th old logit. With η <= 1 no route can change.
-    delta_margin_cap: Optional[float] = None
-    #: η annealed linearly to this value (theirs 1.5) between the two rollout ids of
-    #: ``delta_margin_cap_anneal`` ([first, last]; theirs [80, 160]); None: constant η.
-    delta_margin_cap_final: Optional[float] = None
-    delta_margin_cap_anneal: Optional[list[int]] = None
-    #: Flip fallback (None: off; theirs 0.05): a token whose predicted top-k set differs from
-    #: the old one and whose post-Δ boundary logit margin is below this keeps its old logits.
-    flip_fallback_margin: Optional[float] = None
-    #: Hidden-shift weighting of a cached token's loss by the headroom of
-    #: r = |h_cur − h_old|/|h_old| under ``hidden_shift_threshold`` (theirs 0.02): ``none``
-    #: (off), ``binary`` [r < τ], ``linear`` max(0, 1 − r/τ), ``quadratic`` its square.
-    hidden_shift_weighting: Literal["none", "binary", "linear", "quadratic"] = "none"
-    hidden_shift_threshold: float = 0.02
-    #: Boundary weighting of the loss: weights ∝ 1/max(m, m_min) of the old boundary margin,
-    #: normalised to mean 1 over a forward's cached tokens, clipped at ``boundary_weight_max``
-    #: (theirs 4). m_min is not stated by the authors; 0.05 is this project's choice.
-    boundary_weighting: bool = False
-    boundary_margin_min: float = 0.05
-    boundary_weight_max: float = 4.0
-    #: Predictor Adam betas (None: the policy optimizer's, as the authors' code does).
-    predictor_betas: Optional[list[float]] = None
-    #: Predictor weight decay (None: the policy's, as the authors' code does; 0: none).
-    predictor_weight_decay: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        if self.loss not in PREDICTOR_LOSSES:
-            raise ValueError(f"pr2.loss must be one of {PREDICTOR_LOSSES}, got {self.loss!r}")
-        if not self.lr_multiplier > 0:
-            raise ValueError(f"pr2.lr_multiplier must be > 0, got {self.lr_multiplier}")
-        if self.feature_cache_tokens < 1:
-            raise ValueError(
-                f"pr2.feature_cache_tokens must be >= 1, got {self.feature_cache_tokens}"
-            )
-        cap = self.feature_cache_max_total_tokens
-        if cap is not None and cap < 1:
-            raise ValueError(f"pr2.feature_cache_max_total_tokens must be >= 1 or None, got {cap}")
-        self._check_stabilisers()
-
-    def _check_stabilisers(self) -> None:
-        """ValueError naming the key of a stabiliser or predictor-optimizer setting out of range."""
-        if self.delta_depth_schedule not in DEPTH_SCHEDULES:
-            raise ValueError(
-                f"pr2.delta_depth_schedule must be one of {DEPTH_SCHEDULES}, "
-                f"got {self.delta_depth_schedule!r}"
-            )
-        if self.hidden_shift_weighting not in SHIFT_WEIGHTINGS:
-            raise ValueError(
-                f"pr2.hidden_shift_weighting must be one of {SHIFT_WEIGHTINGS}, "
-                f"got {self.hidden_shift_weighting!r}"
-            )
-        if not 0.0 <= self.delta_depth_gamma_min <= 1.0:
-            raise ValueError(
-                f"pr2.delta_depth_gamma_min must be in [0, 1], got {self.delta_depth_gamma_min}"
-            )
-        positive = {
-            "delta_magnitude_cap": self.delta_magnitude_cap,
-            "delta_margin_cap": self.delta_margin_cap,
-            "delta_margin_cap_final": self.delta_margin_cap_final,
-            "hidden_shift_threshold": self.hidden_shift_threshold,
-            "boundary_margin_min": self.boundary_margin_min,
-            "boundary_weight_max": self.boundary_weight_max,
-        }
-        for name, value in positive.items():
-            if value is not None and not value > 0:
-                raise ValueError(f"pr2.{name} must be > 0, got {value}")
-        if self.flip_fallback_margin is not None and self.flip_fallback_margin < 0:
-            raise ValueError(
-                f"pr2.flip_fallback_margin must be >= 0, got {self.flip_fallback_margin}"
-            )
-        anneal = self.delta_margin_cap_anneal
-        if (anneal is None) != (self.delta_margin_cap_final is None):
-            raise ValueError(
-                "pr2.delta_margin_cap_final and pr2.delta_margin_cap_anneal go together "
-                f"(got {self.delta_margin_cap_final!r} and {anneal!r})"
-            )
-        if anneal is not None and (len(anneal) != 2 or not 0 <= anneal[0] < anneal[1]):
-            raise ValueError(
-                f"pr2.delta_margin_cap_anneal must be [first, last] rollout ids with "
-                f"0 <= first < last, got {anneal!r}"
-            )
-        if anneal is not None and self.delta_margin_cap is None:
-            raise ValueError("pr2.delta_margin_cap_anneal needs pr2.delta_margin_cap (η)")
-        betas = self.predictor_betas
-        if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"pr2.predictor_betas must be two values in [0, 1), got {betas!r}")
-        decay = self.predictor_weight_decay
-        if decay is not None and decay < 0:
-            raise ValueError(f"pr2.predictor_weight_decay must be >= 0, got {decay}")
-
-    def delta_settings(self, rollout_id: Optional[int]) -> DeltaSettings:
-        """The rollout-side stabilisers at ``rollout_id`` (the margin cap's η annealed)."""
-        return DeltaSettings(
-            depth_schedule=self.delta_depth_schedule,
-            depth_gamma_min=self.delta_depth_gamma_min,
-            magnitude_cap=self.delta_magnitude_cap,
-            margin_cap=margin_cap_eta(
-                self.delta_margin_cap,
-                self.delta_margin_cap_final,
-                self.delta_margin_cap_anneal,
-                rollout_id,
-            ),
-            flip_fallback_margin=self.flip_fallback_margin,
-        )
+from pr2_megatron.routing.router_predictor import PredictorSide
+from pr2_megatron.routing.router_protocol import MegatronProtocol, unregister_stock_replay
 
 
 class _ExpertSelector:
@@ -243,7 +86,7 @@ class _ExpertSelector:
         return probs_TK, self.chosen_TK
 
 
-class PR2Router(TopKRouter):
+class PR2Router(PredictorSide, MegatronProtocol, TopKRouter):
     """``TopKRouter`` with PR2's evolution predictor and recompute-safe route record/replay."""
 
     def __init__(
@@ -256,7 +99,7 @@ class PR2Router(TopKRouter):
         features = require_router_seam()
         pr2_config = pr2_config or PR2RouterConfig()
         protocol = pr2_config.megatron_router_replay
-        _check_config_supports_replay(config, megatron_router_replay=protocol)
+        check_config_supports_replay(config, megatron_router_replay=protocol)
         if protocol and type(self)._route is not PR2Router._route:
             raise ValueError(
                 f"{type(self).__name__} chooses experts itself; megatron_router_replay is "
@@ -277,7 +120,7 @@ class PR2Router(TopKRouter):
             # Protocol mode: our RouterReplay takes the place of the stock one TopKRouter made.
             stock = self.router_replay
             self.router_replay = PR2RouterReplay(self)
-            _unregister(stock)
+            unregister_stock_replay(stock)
         else:
             # Megatron's routing calls router_replay.get_replay_topk: ours, not a RouterReplay,
             # so nothing is registered in Megatron's process-global replay registry.
@@ -488,59 +331,6 @@ class PR2Router(TopKRouter):
                 return functools.partial(self._attach_cached_loss, keys_T=keys_T)
         return None
 
-    def _predict_record(self, chosen_TK, live_TK, prediction, logits_TE, keys_T) -> dict:
-        """Predict-phase metrics of one forward: |Δ|, |z|, routes changed, flip fallbacks.
-
-        Counted over the named tokens (key >= 0) when the forward's tokens are named.
-        """
-        delta_TE, fallback_T = prediction
-        real_T = torch.ones(chosen_TK.shape[0], dtype=torch.bool, device=chosen_TK.device)
-        if keys_T is not None:
-            real_T = (keys_T >= 0).to(chosen_TK.device)
-        changed_T = changed_routes(chosen_TK, live_TK) & real_T
-        fallbacks = 0 if fallback_T is None else int((fallback_T.to(real_T.device) & real_T).sum())
-        return {
-            "delta_abs": delta_TE.abs().mean(),
-            "logit_abs": logits_TE.detach().abs().mean(),
-            "changed": torch.tensor([int(changed_T.sum()), fallbacks, int(real_T.sum())]),
-        }
-
-    def _megatron_bookkeeping(self, action, chosen_TK, hidden_TH, logits_TE):
-        """Protocol mode: RECORD records and caches; a replay forward may train the predictor.
-
-        Returns the predictor loss to attach, or None (docs: :mod:`.megatron_replay`).
-        """
-        replay = self.router_replay
-        if action == RouterReplayAction.RECORD:
-            replay.record(self.weight, chosen_TK.detach(), self.feature_cache, hidden_TH, logits_TE)
-            return None
-        grad = torch.is_grad_enabled() or self._will_be_recomputed()
-        if not (self.training and grad):
-            return None
-        if not replay.router_moved(self.weight):
-            replay.pairing_counts["not_moved"] += 1
-            return None
-        forward = replay.matching_forward(chosen_TK)
-        if forward is not None:
-            keys_T = forward * RECORD_KEY_STRIDE + torch.arange(chosen_TK.shape[0])
-            return functools.partial(self._attach_cached_loss, keys_T=keys_T, pairing="exact")
-        return self._attach_snapshot_loss
-
-    def _megatron_action(self) -> Optional[RouterReplayAction]:
-        """The protocol action this forward follows (None: the PR2 phase rules)."""
-        replay = self.router_replay
-        if not isinstance(replay, PR2RouterReplay) or replay.router_replay_action is None:
-            return None
-        replay.check_registered()
-        if self.phase != RoutingPhase.OFF:
-            raise RouteError(
-                f"MoE layer {self.route_layer_number}: Megatron's RouterReplay action "
-                f"{replay.router_replay_action.name} and the PR2 phase {self.phase.value!r} are "
-                "both set; drive the router through one of them (controller.off() or "
-                "RouterReplay.clear_global_router_replay_action())"
-            )
-        return replay.router_replay_action
-
     # ------------------------------------------------------------------------------ helpers
     def _route(self, logits_SBE, target_TK, padding_mask=None):
         """Experts and gates of one forward: ``(probs_TE, routing_map_TE, chosen_TK)``.
@@ -555,26 +345,6 @@ class PR2Router(TopKRouter):
         chosen_TK = self._selector.chosen_TK
         self._selector.target_TK = self._selector.chosen_TK = None
         return probs_TE, routing_map_TE, chosen_TK
-
-    def _predicted_route(self, hidden_TH, logits_TE):
-        """``(TopK(score_fn(z + Δ)), Δ, fallback_T)`` without grad: the PR2 prediction.
-
-        Δ after the configured stabilisers (:meth:`_stabilised`); ``fallback_T`` marks tokens
-        the flip fallback returned to their old logits (None without it).
-        """
-        with torch.no_grad():
-            delta_TE, fallback_T = self._stabilised(self.predictor(hidden_TH), logits_TE.detach())
-            return self._topk_indices(logits_TE + delta_TE), delta_TE, fallback_T
-
-    def _stabilised(self, delta_TE, logits_TE):
-        """``(Δ', fallback_T)``: Δ through the stabilisers of :attr:`pr2_config` (or as it is)."""
-        settings = self.pr2_config.delta_settings(self.current_rollout_id)
-        if not settings.active:
-            return delta_TE, None
-        depth = depth_fraction(self.route_layer_number or 1, self.config.num_layers)
-        return stabilise_delta(
-            settings, delta_TE, logits_TE, k=self.topk, depth=depth, topk_fn=self._topk_indices
-        )
 
     def _route_record(self, replayed_TK, live_TK, plain_TK) -> dict[str, Optional[torch.Tensor]]:
         """A replay forward's routes for metrics, in the route table's smallest dtype.
@@ -666,130 +436,6 @@ class PR2Router(TopKRouter):
         groups_SB = (torch.arange(batch) + self._group_counter).expand(seq_len, batch)
         self._group_counter += batch
         return groups_SB.reshape(-1)
-
-    def _attach_cached_loss(self, probs_TE, hidden_TH, logits_TE, *, keys_T, pairing=None):
-        """The predictor loss on the cached tokens named ``keys_T``, attached to ``probs_TE``."""
-        if pairing is not None:
-            self.router_replay.pairing_counts[pairing] += 1
-        return self._attach_predictor_loss(probs_TE, keys_T, logits_TE, hidden_TH)
-
-    def _attach_snapshot_loss(self, probs_TE, hidden_TH, logits_TE):
-        """Protocol mode, no exact pairing: the forward's own h against ``z_old = W_old h``."""
-        replay = self.router_replay
-        replay.pairing_counts["snapshot"] += 1
-        loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
-        return self._finish_predictor_loss(probs_TE, loss)
-
-    def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE, hidden_TH) -> torch.Tensor:
-        """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
-        token_idx, cache_idx = self.feature_cache.lookup(keys_T)
-        if token_idx.numel() == 0:
-            # No cached token here: a zero loss keeps W_p in the graph so that data-parallel
-            # gradient reductions see the same parameters on every rank.
-            loss = self.predictor.weight.sum() * 0.0
-        else:
-            cached = self.feature_cache.features()
-            device = logits_TE.device
-            hidden_CH = cached.hidden_CH[cache_idx].to(device)
-            old_logits_CE = cached.logits_CE[cache_idx].to(device)
-            current_logits_CE = logits_TE[token_idx.to(device)]
-            delta_CE = self.predictor(hidden_CH)
-            weights_C = self._loss_weights(hidden_TH, token_idx, hidden_CH, old_logits_CE)
-            loss = predictor_loss(
-                self.pr2_config.loss, current_logits_CE, old_logits_CE, delta_CE, weights_C
-            )
-            self.predictor_accuracy.append(
-                self._predictive_accuracy(delta_CE.detach(), old_logits_CE, current_logits_CE)
-            )
-        return self._finish_predictor_loss(probs_TE, loss)
-
-    def _loss_weights(self, hidden_TH, token_idx, hidden_CH, old_logits_CE):
-        """Per-token loss weights of the hidden-shift and boundary stabilisers (None: off)."""
-        cfg = self.pr2_config
-        if cfg.hidden_shift_weighting == "none" and not cfg.boundary_weighting:
-            return None
-        with torch.no_grad():
-            return loss_weights(
-                shift_kind=cfg.hidden_shift_weighting,
-                shift_threshold=cfg.hidden_shift_threshold,
-                boundary=cfg.boundary_weighting,
-                margin_min=cfg.boundary_margin_min,
-                weight_max=cfg.boundary_weight_max,
-                hidden_cur_CH=hidden_TH.detach()[token_idx.to(hidden_TH.device)],
-                hidden_old_CH=hidden_CH,
-                old_logits_CE=old_logits_CE,
-                k=self.topk,
-            )
-
-    def _predictive_accuracy(self, delta_CE, old_logits_CE, current_logits_CE) -> torch.Tensor:
-        """``[hits, plain hits, tokens]`` of the predictive top-k accuracy on cached tokens.
-
-        Overlaps of TopK(z_old + Δ') and of TopK(z_old) with TopK(z_cur), summed; Δ' is the
-        current predictor's shift through the stabilisers (the magnitude cap over these cached
-        tokens rather than over a rollout forward's).
-        """
-        with torch.no_grad():
-            old_CE, current_CE = old_logits_CE.detach(), current_logits_CE.detach()
-            delta_CE, _ = self._stabilised(delta_CE, old_CE)
-            live_CK = self._topk_indices(current_CE)
-            predicted = topk_overlap(self._topk_indices(old_CE + delta_CE), live_CK).sum()
-            plain = topk_overlap(self._topk_indices(old_CE), live_CK).sum()
-        return torch.stack([predicted.cpu(), plain.cpu(), torch.tensor(float(live_CK.shape[0]))])
-
-    def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
-        """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
-        self.predictor_losses.append(float(loss.detach()))
-        if self.config.sequence_parallel:
-            # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
-            # gradients over TP: scale so the sum is the mean over the whole sequence.
-            loss = loss / self.tp_group.size()
-        return MoEAuxLossAutoScaler.apply(probs_TE, loss)
-
-
-def _unregister(stock) -> None:
-    """Drop the stock ``RouterReplay`` ``TopKRouter.__init__`` registered (protocol mode)."""
-    from megatron.core.transformer.moe.router_replay import RouterReplay
-
-    instances = RouterReplay.global_router_replay_instances
-    for index, entry in enumerate(instances):
-        if entry is stock:
-            del instances[index]
-            return
-
-
-def _check_config_supports_replay(config, megatron_router_replay: bool = False) -> None:
-    """Reject Megatron settings under which replayed routes would be silently changed."""
-    if config.moe_enable_routing_replay and not megatron_router_replay:
-        raise ValueError(
-            "PR2Router records and replays routes itself; set moe_enable_routing_replay=False, "
-            "or PR2RouterConfig(megatron_router_replay=True) for a stack that drives Megatron's "
-            "RouterReplay protocol (verl, NeMo-RL, Megatron's inference engine)"
-        )
-    if megatron_router_replay and not config.moe_enable_routing_replay:
-        raise ValueError(
-            "PR2RouterConfig(megatron_router_replay=True) needs Megatron's "
-            "moe_enable_routing_replay=True (the switch the stacks and Megatron's inference "
-            "engine look at)"
-        )
-    if config.moe_router_load_balancing_type == "sinkhorn":
-        raise ValueError("moe_router_load_balancing_type='sinkhorn' bypasses route replay")
-    if config.moe_router_load_balancing_type == "quantile_balancing":
-        # Newer cores (0.19.2): picks experts itself (precomputed_indices), ignoring replay.
-        raise ValueError(
-            "moe_router_load_balancing_type='quantile_balancing' bypasses route replay"
-        )
-    if config.moe_router_fusion:
-        raise ValueError("moe_router_fusion=True (TE fused router) bypasses route replay")
-    if config.moe_expert_capacity_factor is not None:
-        raise ValueError(
-            f"moe_expert_capacity_factor={config.moe_expert_capacity_factor}: capacity dropping "
-            "runs after replay and would drop replayed experts; use dropless MoE with PR2"
-        )
-    if config.moe_router_force_load_balancing:
-        raise ValueError("moe_router_force_load_balancing replaces logits with random ones")
-    # Config field of newer cores (0.19.2) only; PR2Router.forward does not apply it.
-    if getattr(config, "moe_router_force_biased", None) is not None:
-        raise ValueError("moe_router_force_biased (benchmark logit bias) is not supported by PR2")
 
 
 def pr2_router_builder(pr2_config: Optional[PR2RouterConfig] = None):
