@@ -17,22 +17,22 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pr2_megatron.rl import train
+from pr2_megatron.rl import steps, train
 
 
 def _install_kill(spec: str) -> None:
     rank, step, mini_step = (int(part) for part in spec.split(":"))
-    original = train.Trainer._mini_step
+    original = steps.mini_step  # Trainer.rl_step calls it through the module
 
-    def mini_step_or_die(self, step_, mini_step_, *args, **kwargs):
+    def mini_step_or_die(trainer, step_, mini_step_, *args, **kwargs):
         if (dist.get_rank(), step_, mini_step_) == (rank, step, mini_step):
             mark = os.environ.get("PR2_TEST_KILL_MARK")
             if mark:
                 Path(mark).write_text(f"rank {rank} killed at step {step} mini-step {mini_step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, step_, mini_step_, *args, **kwargs)
+        return original(trainer, step_, mini_step_, *args, **kwargs)
 
-    train.Trainer._mini_step = mini_step_or_die
+    steps.mini_step = mini_step_or_die
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ kill -9 of a rank mid-save, corrupt and hostile files, other formats, retention.
 Single-process tests save a small sharded state dict in a gloo world of one; two tests run two
 gloo ranks, each writing its own shard of a tensor and a replicated one."""
 
+import functools
 import json
 import os
 import pickle
@@ -126,22 +127,40 @@ def test_an_exception_at_any_point_of_a_save_keeps_the_previous_checkpoint(
     _assert_loaded(_load(step_dir(tmp_path, 1)), 1)
 
 
+def _children(pid):
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid and int(entry) != os.getpid():
+            found.append(int(entry))
+    return found
+
+
 def _save_steps(directory, kill_in_step=None):
     """Two gloo ranks save steps 1 and 2; rank 1 is SIGKILLed while writing step 2's shards."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint import filesystem
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     save_checkpoint(directory, 1, _state(1, rank, 2))
     if kill_in_step == 2 and rank == 1:
-        real_write = filesystem._write_item
+        # Megatron's writer imported torch's ``_write_item`` by name and calls it in forked
+        # writer processes: kill the rank (and the writer) after the first item is written.
+        real_write, rank_pid = filesystem_async._write_item, os.getpid()
 
+        @functools.wraps(real_write)  # Megatron inspects its signature
         def die_mid_write(*args, **kwargs):
             real_write(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
+            for pid in [*_children(rank_pid), rank_pid, os.getpid()]:  # no orphaned writers
+                os.kill(pid, signal.SIGKILL)
 
-        filesystem._write_item = die_mid_write
+        filesystem_async._write_item = die_mid_write
     save_checkpoint(directory, 2, _state(2, rank, 2))
     return rank
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,7 @@ def test_a_second_model_in_the_same_process_leaves_the_first_replaying(megatron_
 
 def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, tmp_path):
     from pr2_megatron.routes import micro_batch_targets
+    from pr2_megatron.routes.path import MicroBatch
 
     trainer = _trainer(tmp_path, "model.num_layers=3", "model.moe_layer_freq=[0,1,1]")
     ctl = trainer.controller
@@ -276,7 +278,7 @@ def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, t
             per_sample, sample_ids=[0, 1], layer_numbers=layers, num_experts=8, topk=2
         )
 
-    batch = trainer._micro_batch([0, 1], {"input_lens": [5, 4]}, [0, 1])
+    batch = MicroBatch([0, 1], trainer.seq_len, [5, 4])
     targets = trainer.path.targets(table((2, 3)), batch)
     assert targets.shape == (trainer.seq_len * 2, 2, 2)
     assert torch.equal(targets[0::2][:5], per_sample[0].long())  # [S, B] order, sample 0
@@ -290,26 +292,45 @@ def test_dense_first_layers_map_routes_by_global_layer_number(megatron_single, t
     with pytest.raises(
         ValueError, match="sample id 1: micro-batch has 3 tokens, route table has 4"
     ):
-        trainer.path.targets(
-            table((2, 3)), trainer._micro_batch([0, 1], {"input_lens": [5, 3]}, [0, 1])
-        )
+        trainer.path.targets(table((2, 3)), MicroBatch([0, 1], trainer.seq_len, [5, 3]))
 
 
-def test_a_skipped_training_forward_is_a_route_error_at_finish(megatron_single, tmp_path):
+def _logprobs(trainer, ids, labels, forward_only=True):
+    """``[B, S]`` log-probs of one forward through the trainer's schedule (its only path)."""
+    from pr2_megatron.rl.batches import SupervisedMicroBatch
+    from pr2_megatron.rl.schedule import logprob_loss, run_schedule
+
+    store = run_schedule(
+        trainer.ddp,
+        [SupervisedMicroBatch(ids, labels, torch.ones(ids.shape))],
+        partial(logprob_loss, temperature=1.0, vocab_size=trainer.vocab),
+        seq_len=trainer.seq_len,
+        vocab_size=trainer.vocab,
+        forward_only=forward_only,
+    )
+    return store[0]["logp"]
+
+
+def test_a_skipped_training_forward_is_a_route_error_at_finish(
+    megatron_single, tmp_path, monkeypatch
+):
+    from pr2_megatron.rl import steps
+
     trainer = _trainer(tmp_path)
-    real = trainer.token_logprobs
-    calls = {"replay": 0}
+    real = steps.run_schedule
+    dropped = []
 
-    def skips_the_second_replay_forward(ids, labels, temperature):
-        if trainer.controller.phase == RoutingPhase.REPLAY:
-            calls["replay"] += 1
-            if calls["replay"] == 2:  # e.g. a micro-batch dropped by a data-loader bug
-                return torch.zeros(ids.shape)
-        return real(ids, labels, temperature)
+    def drops_the_second_replay_forward(chunks, micro_batches, *args, **kwargs):
+        if trainer.controller.phase == RoutingPhase.REPLAY and not dropped:
+            # e.g. a micro-batch lost by a data-loader bug: its targets stay queued
+            dropped.append(micro_batches[1])
+            micro_batches = [m for i, m in enumerate(micro_batches) if i != 1]
+        return real(chunks, micro_batches, *args, **kwargs)
 
-    trainer.token_logprobs = skips_the_second_replay_forward
+    monkeypatch.setattr(steps, "run_schedule", drops_the_second_replay_forward)
     with pytest.raises(RouteError, match=r"never consumed.*MoE layer 1: 1 target.*layer 2: 1"):
         trainer.rl_step()
+    assert dropped
 
 
 def test_a_replay_forward_without_a_target_is_a_route_error(megatron_single, tmp_path):
@@ -321,26 +342,27 @@ def test_a_replay_forward_without_a_target_is_a_route_error(megatron_single, tmp
     trainer.controller.replay(train_predictor=False)
     ids = torch.zeros(2, trainer.seq_len, dtype=torch.long)
     with pytest.raises(RouteError, match="replay forward without a target"):
-        trainer.token_logprobs(ids, ids, 1.0).sum().backward()
+        _logprobs(trainer, ids, ids, forward_only=False)
 
 
 # ==================================================================================== bad input
 def test_token_ids_outside_the_vocabulary_are_named(megatron_single, tmp_path):
     trainer = _trainer(tmp_path)
+    trainer.controller.off()
     vocab = trainer.cfg.model.vocab_size
     ids = torch.randint(0, vocab, (3, trainer.seq_len), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
-    trainer.token_logprobs(ids, labels, 1.0)  # in range: fine
+    assert _logprobs(trainer, ids, labels).shape == ids.shape  # in range: fine
     bad = ids.clone()
     bad[1, 3] = vocab + 83
     message = rf"input token id {vocab + 83} at sample row 1, position 3 is outside the "
     with pytest.raises(ValueError, match=message + rf"vocabulary \[0, {vocab}\)"):
-        trainer.token_logprobs(bad, labels, 1.0)
+        _logprobs(trainer, bad, labels)
     bad_labels = labels.clone()
     bad_labels[2, 0] = -1
     message = r"label token id -1 at sample row 2, position 0 .*model.vocab_size"
     with pytest.raises(ValueError, match=message):
-        trainer.token_logprobs(ids, bad_labels, 1.0)
+        _logprobs(trainer, ids, bad_labels)
 
 
 def test_parallel_sizes_that_do_not_fit_the_world_size(megatron_single, tmp_path):

@@ -194,6 +194,7 @@ def run_schedule(
 
     if not micro_batches:
         return []
+    _reset_aux_loss_scale()
     step = partial(
         _forward_step, loss_fn=loss_fn, slicer=SequenceSlicer(seq_len), vocab_size=vocab_size
     )
@@ -208,6 +209,23 @@ def run_schedule(
             micro_batch_size=len(micro_batches[0]),
             forward_only=forward_only,
         )
+
+
+def _reset_aux_loss_scale() -> None:
+    """Clear Megatron's process-global MoE aux-loss scale before a schedule sets it again.
+
+    The schedules ``copy_`` a ``[1]`` scale into ``MoEAuxLossAutoScaler.main_loss_backward_scale``
+    (megatron-core 0.16), but a backward through an aux loss outside the schedules (a plain
+    ``loss.backward()`` in the same process: an evaluation, a test, another model) leaves a 0-d
+    tensor there, and every later schedule then fails with "output with shape [] doesn't match
+    the broadcast shape [1]". Each schedule forward sets the scale before its backward, so
+    clearing it loses nothing.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if scale is not None and scale.dim() == 0:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def _forward_step(data_iterator, model, *, loss_fn, slicer, vocab_size):
