@@ -186,45 +186,62 @@ def gather_dp(tensor: torch.Tensor) -> torch.Tensor:
     return _gather_dp(tensor)
 
 
-def predictor_metrics(routers, device: torch.device) -> dict:
+def predictor_metrics(routers, device: torch.device, groups=()) -> dict:
     """``predictor/loss`` (overall and per layer) of a replay pass that trained the predictors.
 
-    Means over every (router, forward) of the model's stages, then over the DP ranks (as
-    ``RoutingController.metrics`` gives them at PP=1).
+    Token means: each forward's loss weighted by its cached tokens, summed over the model's
+    stages and over ``groups`` (the trainer's routing groups: DP, TP under SP, CP), so the
+    figure is the same in every layout (not one TP rank's sequence chunk).
     """
     local = {
-        r.route_layer_number: (sum(r.predictor_losses), len(r.predictor_losses)) for r in routers
+        r.route_layer_number: (
+            sum(loss * n for loss, n in zip(r.predictor_losses, r.predictor_loss_tokens)),
+            sum(r.predictor_loss_tokens),
+            len(r.predictor_losses),
+        )
+        for r in routers
     }
-    if routers and not any(count for _, count in local.values()):
+    if routers and not any(forwards for _, _, forwards in local.values()):
         raise RuntimeError("the predictors trained in no forward of this pass")
     merged = _merge_over_pipeline(local)
-    total = sum(s for s, _ in merged.values())
-    count = sum(c for _, c in merged.values())
+    layers = sorted(merged)
+    sums = torch.tensor(
+        [[merged[layer][0], merged[layer][1]] for layer in layers],
+        dtype=torch.float64,
+        device=device,
+    ).reshape(-1, 2)
+    for group in groups:
+        _reduce(sums, group)
+    total, count = (float(x) for x in sums.sum(0)) if layers else (0.0, 0.0)
     out = {"predictor/loss": total / count} if count else {}
-    for layer in sorted(merged):
-        s, c = merged[layer]
+    for layer, (s, c) in zip(layers, sums.tolist()):
         if c:
             out[f"predictor/loss/layer_{layer}"] = s / c
-    return {key: dp_mean(value, device) for key, value in out.items()}
+    return out
 
 
-def predict_metrics(routers, device: torch.device) -> dict:
-    """``predictor/delta_to_logit_ratio`` of a predict pass: mean |Δ| / mean |z|, all stages."""
+def predict_metrics(routers, device: torch.device, groups=()) -> dict:
+    """``predictor/delta_to_logit_ratio`` of a predict pass: mean |Δ| / mean |z|.
+
+    Token means over every stage and over ``groups`` (DP, TP under SP, CP).
+    """
     records = [rec for r in routers for rec in r.metric_records]
     sums = torch.tensor(
         [
-            float(sum(float(rec["delta_abs"]) for rec in records)),
-            float(sum(float(rec["logit_abs"]) for rec in records)),
-            float(len(records)),
+            float(sum(float(rec["delta_abs"]) * rec["tokens"] for rec in records)),
+            float(sum(float(rec["logit_abs"]) * rec["tokens"] for rec in records)),
+            float(sum(rec["tokens"] for rec in records)),
         ],
         dtype=torch.float64,
         device=device,
     )
     _reduce(sums, _pp_group())
+    for group in groups:
+        _reduce(sums, group)
     if not float(sums[2]):
         return {}
-    delta, logit = float(sums[0]) / float(sums[2]), float(sums[1]) / float(sums[2])
-    return {"predictor/delta_to_logit_ratio": dp_mean(delta / logit if logit else 0.0, device)}
+    delta, logit = float(sums[0]), float(sums[1])
+    return {"predictor/delta_to_logit_ratio": delta / logit if logit else 0.0}
 
 
 def _merge_over_pipeline(local: dict) -> dict:

@@ -182,6 +182,8 @@ class PR2Router(TopKRouter):
         #: controller streams records with it (``RoutingController.replay(on_forward=...)``).
         self.on_forward_recorded: Optional[Callable[[PR2Router], None]] = None
         self.predictor_losses: list[float] = []
+        #: Tokens each entry of ``predictor_losses`` is the mean over (token-weighted metrics).
+        self.predictor_loss_tokens: list[int] = []
         self._token_counter = 0
         self._group_counter = 0
         self.feature_cache: FeatureCache | None = None
@@ -239,6 +241,7 @@ class PR2Router(TopKRouter):
         self.recorded_plain = []
         self.metric_records = []
         self.predictor_losses = []
+        self.predictor_loss_tokens = []
         self._token_counter = 0
         self._group_counter = 0
         if self.phase == RoutingPhase.PREDICT and self.feature_cache is not None:
@@ -338,7 +341,11 @@ class PR2Router(TopKRouter):
             self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
             if self.collect_metrics:
                 self.metric_records.append(
-                    {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
+                    {
+                        "delta_abs": delta_TE.abs().mean(),
+                        "logit_abs": logits_TE.abs().mean(),
+                        "tokens": logits_TE.shape[0],
+                    }
                 )
         if self.phase == RoutingPhase.REPLAY:
             if self.collect_metrics:
@@ -507,7 +514,7 @@ class PR2Router(TopKRouter):
         replay = self.router_replay
         replay.pairing_counts["snapshot"] += 1
         loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
-        return self._finish_predictor_loss(probs_TE, loss)
+        return self._finish_predictor_loss(probs_TE, loss, logits_TE.shape[0])
 
     def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE) -> torch.Tensor:
         """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
@@ -527,11 +534,12 @@ class PR2Router(TopKRouter):
                 cached.logits_CE[cache_idx].to(device),
                 delta_CE,
             )
-        return self._finish_predictor_loss(probs_TE, loss)
+        return self._finish_predictor_loss(probs_TE, loss, token_idx.numel())
 
-    def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
-        """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
+    def _finish_predictor_loss(self, probs_TE, loss, tokens: int) -> torch.Tensor:
+        """Log ``loss`` (a mean over ``tokens``), attach it to ``probs_TE``'s backward."""
         self.predictor_losses.append(float(loss.detach()))
+        self.predictor_loss_tokens.append(int(tokens))
         if self.config.sequence_parallel:
             # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
             # gradients over TP: scale so the sum is the mean over the whole sequence.
