@@ -493,15 +493,12 @@ def _reduced_overrides(name: str, run_dir) -> list[str]:
 
 
 def _one_trainer_step(config_path, overrides):
-    from megatron.core.transformer import multi_latent_attention
-
+    """The trainer as ``pr2-train`` runs it (no test patches: MLA builds on CPU by itself)."""
     from pr2_megatron.rl.config import load_config
     from pr2_megatron.rl.layout import check_layout
     from pr2_megatron.rl.train import Trainer
     from pr2_megatron.runtime.parallel import destroy_parallel
 
-    if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
-        multi_latent_attention.TELinear = type("NoTELinear", (), {})  # as ``mla_on_cpu``
     cfg = load_config(config_path, overrides)
     check_layout(cfg)
     trainer = Trainer(cfg)

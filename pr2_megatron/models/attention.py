@@ -108,8 +108,9 @@ def _check_mla_buildable() -> None:
 
     Without Transformer Engine, ``megatron.core.extensions.transformer_engine`` still imports
     and leaves ``TELinear`` as a ``MagicMock`` instance, so ``MLASelfAttention.__init__``'s
-    ``isinstance(self.linear_proj, TELinear)`` raises ``TypeError``. A CPU bring-up that sets
-    ``multi_latent_attention.TELinear`` to a plain class makes it build.
+    ``isinstance(self.linear_proj, TELinear)`` raises ``TypeError``.
+    :func:`_use_duplicated_down_projections` (run first without TE) sets it to
+    :class:`DuplicatedLinear`, so this only fires where something else replaced it.
     """
     from megatron.core.transformer import multi_latent_attention
 
