@@ -86,7 +86,9 @@ def rollout(trainer, step: int, problems: list) -> Rollout:
     pieces = split_rows(range(len(samples)), cfg.rollout.micro_batch_size)
     micro = _generate(trainer, samples, sample_ids, generators, pieces)
     trainer.diagnostics.end_rollout()  # hook(effect)
-    metrics = predict_metrics(ctl.routers, trainer.device) if predicting else {}
+    metrics = (
+        predict_metrics(ctl.routers, trainer.device, trainer.routing_groups()) if predicting else {}
+    )
     batch = RolloutBatch.from_rollout(micro, trainer.seq_len, trainer.device)
     table = None
     if path is not None:
@@ -184,7 +186,7 @@ def old_logprobs(trainer, rollout_: Rollout) -> OldLogprobs:
     if ctl is not None and mode.records_old_logprob_routes:
         out.table = path.gather([mb.route_batch for mb in micro])
     if ctl is not None and mode.old_logprob == "predict":
-        out.metrics = predict_metrics(ctl.routers, trainer.device)
+        out.metrics = predict_metrics(ctl.routers, trainer.device, trainer.routing_groups())
     if ctl is not None and mode.old_logprob == "replay":
         ctl.finish()
     return out
@@ -244,7 +246,7 @@ def mini_step(trainer, step: int, index: int, rollout_: Rollout, advantages_N, o
     )
     record["ppo/grad_norm"] = grad_norm
     if train_predictor:
-        record.update(predictor_metrics(ctl.routers, trainer.device))
+        record.update(predictor_metrics(ctl.routers, trainer.device, trainer.routing_groups()))
     return record
 
 

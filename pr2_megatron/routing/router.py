@@ -142,6 +142,8 @@ class PR2Router(PredictorSide, MegatronProtocol, TopKRouter):
         #: Per training forward with predictor loss: ``[hits, plain hits, tokens]`` of the
         #: predictive top-k accuracy on its cached tokens (``predictor/topk_accuracy``).
         self.predictor_accuracy: list[torch.Tensor] = []
+        #: Tokens each entry of ``predictor_losses`` is the mean over (token-weighted metrics).
+        self.predictor_loss_tokens: list[int] = []
         self._token_counter = 0
         self._group_counter = 0
         self.feature_cache: FeatureCache | None = None
@@ -207,6 +209,7 @@ class PR2Router(PredictorSide, MegatronProtocol, TopKRouter):
         self.metric_records = []
         self.predictor_losses = []
         self.predictor_accuracy = []
+        self.predictor_loss_tokens = []
         self._token_counter = 0
         self._group_counter = 0
         if self.phase == RoutingPhase.PREDICT:

@@ -70,6 +70,7 @@ class PredictorSide:
             "delta_abs": delta_TE.abs().mean(),
             "logit_abs": logits_TE.detach().abs().mean(),
             "changed": torch.tensor([int(changed_T.sum()), fallbacks, int(real_T.sum())]),
+            "tokens": logits_TE.shape[0],
         }
 
     def _attach_cached_loss(self, probs_TE, hidden_TH, logits_TE, *, keys_T, pairing=None):
@@ -83,7 +84,7 @@ class PredictorSide:
         replay = self.router_replay
         replay.pairing_counts["snapshot"] += 1
         loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
-        return self._finish_predictor_loss(probs_TE, loss)
+        return self._finish_predictor_loss(probs_TE, loss, logits_TE.shape[0])
 
     def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE, hidden_TH) -> torch.Tensor:
         """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
@@ -106,7 +107,7 @@ class PredictorSide:
             self.predictor_accuracy.append(
                 self._predictive_accuracy(delta_CE.detach(), old_logits_CE, current_logits_CE)
             )
-        return self._finish_predictor_loss(probs_TE, loss)
+        return self._finish_predictor_loss(probs_TE, loss, token_idx.numel())
 
     def _loss_weights(self, hidden_TH, token_idx, hidden_CH, old_logits_CE):
         """Per-token loss weights of the hidden-shift and boundary stabilisers (None: off)."""
@@ -141,9 +142,10 @@ class PredictorSide:
             plain = topk_overlap(self._topk_indices(old_CE), live_CK).sum()
         return torch.stack([predicted.cpu(), plain.cpu(), torch.tensor(float(live_CK.shape[0]))])
 
-    def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
-        """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
+    def _finish_predictor_loss(self, probs_TE, loss, tokens: int) -> torch.Tensor:
+        """Log ``loss`` (a mean over ``tokens``), attach it to ``probs_TE``'s backward."""
         self.predictor_losses.append(float(loss.detach()))
+        self.predictor_loss_tokens.append(int(tokens))
         if self.config.sequence_parallel:
             # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
             # gradients over TP: scale so the sum is the mean over the whole sequence.
