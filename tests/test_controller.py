@@ -92,7 +92,7 @@ def test_param_groups_take_alpha_from_the_routers():
     groups = param_groups(model, lr=1e-3, weight_decay=0.1)
     predictor = [g for g in groups if g.get("pr2_predictor")]
     assert len(predictor) == 1 and predictor[0]["lr"] == pytest.approx(0.25)
-    assert predictor[0]["weight_decay"] == 0.0
+    assert predictor[0]["weight_decay"] == 0.1  # the policy's (predictor_weight_decay=None)
     told = param_groups(model, lr=1e-3, weight_decay=0.1, lr_multiplier=2.0)
     assert [g for g in told if g.get("pr2_predictor")][0]["lr"] == pytest.approx(2e-3)
 
@@ -239,3 +239,22 @@ def test_streaming_misuse_is_rejected_naming_the_problem():
     ctl.routers[1].metric_records.append(record)  # a forward only the second layer routed
     with pytest.raises(RouteError, match=r"MoE layer 2: 1 forward\(s\)"):
         ctl.finish()
+
+
+def test_param_groups_take_predictor_betas_and_weight_decay_from_the_routers():
+    pr2 = PR2RouterConfig(predictor_betas=[0.9, 0.98], predictor_weight_decay=0.0)
+    model = build(TinySetup(pr2=pr2))
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1)
+    policy, predictor = groups
+    assert policy["weight_decay"] == 0.1 and "betas" not in policy
+    assert predictor["weight_decay"] == 0.0 and predictor["betas"] == (0.9, 0.98)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.999))
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # the policy keeps its own
+    assert optimizer.param_groups[1]["betas"] == (0.9, 0.98)
+
+
+def test_predictor_optimizer_keys_are_checked():
+    with pytest.raises(ValueError, match="predictor_betas"):
+        PR2RouterConfig(predictor_betas=[0.9])
+    with pytest.raises(ValueError, match="predictor_weight_decay"):
+        PR2RouterConfig(predictor_weight_decay=-1.0)

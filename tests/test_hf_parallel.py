@@ -91,9 +91,9 @@ def _sources(tmp_path, models):
 def test_tp2_import_and_export(tmp_path):
     models = {name: tiny_hf(name) for name in ("qwen3_moe", "olmoe", "deepseek_v3")}
     tp_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
-    # MLA on the local spec builds its latent q/kv norms as torch norms, which refuse SP.
-    tp = ParallelConfig(tensor_model_parallel_size=2)
-    layouts = {"qwen3_moe": tp_sp, "olmoe": tp_sp, "deepseek_v3": tp}
+    # MLA on the local spec too: its latent norms (LatentNorm) and down projections
+    # (DuplicatedLinear, replicated over TP) take sequence parallelism.
+    layouts = {"qwen3_moe": tp_sp, "olmoe": tp_sp, "deepseek_v3": tp_sp}
     ranks = run_distributed(
         _worker, 2, layouts, _sources(tmp_path, models), str(tmp_path / "out"), True
     )

@@ -270,6 +270,18 @@ def test_reduced_config_pr2_predict_then_replay_ratio_one(name):
 
 # ----------------------------------------------------------- TP=2 + SP in two gloo ranks
 def _tp_model_cfg(qk_norm: str) -> MoEModelConfig:
+    if qk_norm == "mla-latent":  # DeepSeek-V3's MLA: RMSNorms of the q and kv latents
+        return dataclasses.replace(
+            _tp_model_cfg("head"),
+            multi_latent_attention=True,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_head_dim=16,
+            qk_pos_emb_head_dim=8,
+            v_head_dim=16,
+            head_dim=None,
+            num_query_groups=None,
+        )
     return MoEModelConfig(
         num_layers=2,
         moe_layer_freq=[0, 1],
@@ -290,6 +302,10 @@ def _tp_model_cfg(qk_norm: str) -> MoEModelConfig:
 
 def _tp_forward_backward(setup, full_state, ids, labels):
     from megatron.core import parallel_state
+    from megatron.core.transformer import multi_latent_attention
+
+    if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
+        multi_latent_attention.TELinear = type("NoTELinear", (), {})  # as ``mla_on_cpu``
 
     from pr2_megatron.models.hf import load_megatron_state
     from pr2_megatron.runtime.parallel import average_gradients
@@ -304,7 +320,7 @@ def _tp_forward_backward(setup, full_state, ids, labels):
     grads = {
         name: param.grad.detach().clone()
         for name, param in global_parameters(model).items()
-        if "layernorm" in name and "self_attention" in name
+        if ("layernorm" in name or "down_proj" in name) and "self_attention" in name
     }
     return {
         "token_loss": token_loss.detach(),
@@ -326,10 +342,11 @@ def _tp_reference(setup, ids, labels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qk_norm", ["projection", "head"])
+@pytest.mark.parametrize("qk_norm", ["projection", "head", "mla-latent"])
 def test_qk_norms_and_gated_ffn_under_tp2_sp_match_single_process(qk_norm):
     """OLMoE's projection q/k norm (TP all-reduce of the sum of squares), the per-head norm
-    with SP, and gated dense/shared FFN weights sliced by ``load_megatron_state`` under TP=2."""
+    with SP, MLA's latent norms with SP (``LatentNorm``: Megatron's torch norm refuses SP),
+    and gated dense/shared FFN weights sliced by ``load_megatron_state`` under TP=2."""
     from pr2_megatron.runtime.parallel import ParallelConfig
     from pr2_megatron.testing.distributed import run_distributed
     from pr2_megatron.testing.moe import TinySetup
@@ -350,3 +367,176 @@ def test_qk_norms_and_gated_ffn_under_tp2_sp_match_single_process(qk_norm):
             if qk_norm == "projection" and ("q_layernorm" in name or "k_layernorm" in name):
                 expected = expected.chunk(2)[res["tp_rank"]]  # sharded with the heads
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------- shipped layouts; one trainer step per config
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_layout_passes_validation_on_its_cluster(name):
+    from pr2_megatron.rl.layout import check_layout
+
+    config, cluster = _config(name), _cluster(name)
+    num_gpus = cluster["nodes"] * cluster["gpus_per_node"]
+    parallel = config.parallel
+    dp = check_layout(config, num_gpus, cuda=True)
+    tp, pp, cp = (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size,
+    )
+    assert dp == num_gpus // (tp * pp * cp)
+
+
+def test_a_bad_layout_is_exit_2_naming_the_keys_before_any_process_group(monkeypatch, capsys):
+    """Qwen3's shipped layout on its 16 GPUs with 12 experts (EP=8 cannot split them), one
+    with an attention head count TP=2 does not divide: ``pr2-train`` exits 2 with the keys and
+    values, and never reaches a process group."""
+    import torch.distributed as dist
+
+    from pr2_megatron.rl import train
+    from pr2_megatron.runtime import parallel
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was created before the layout check")
+
+    monkeypatch.setattr(dist, "init_process_group", no_process_group)
+    monkeypatch.setattr(parallel, "initialize_parallel", no_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "16")  # torchrun's, on the config's cluster
+    config = str(CONFIG_DIR / "qwen3_30b_a3b.yaml")
+    cases = [
+        (
+            "model.num_experts=12",
+            "model.num_experts=12 is not divisible by parallel.expert_model_parallel_size=8 "
+            "on 16 ranks",
+        ),
+        (
+            "model.num_attention_heads=31",
+            "model.num_attention_heads=31 is not divisible by "
+            "parallel.tensor_model_parallel_size=2",
+        ),
+        (
+            "parallel.context_parallel_size=3",
+            "world size 16 is not divisible by TP×PP×CP = 2×1×3",
+        ),
+    ]
+    for override, message in cases:
+        assert train.main(["--config", config, override]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+    # As shipped it passes on a GPU cluster; on this CPU machine it names what the CPU lacks.
+    if not torch.cuda.is_available():
+        assert train.main(["--config", config]) == 2
+        err = capsys.readouterr().err
+        assert "parallel.context_parallel_size=2 needs Transformer Engine" in err, err
+
+
+#: Each config's own kinds of parallelism at 2 CPU ranks: EP for OLMoE and Moonlight (EP=8 on
+#: their GPUs), TP=2 + SP with EP=2 for Qwen3 (TP=2 + SP, CP=2, EP=8) and DeepSeek-V3 (TP=8 +
+#: SP, EP=256). Qwen3's CP=2 needs Transformer Engine's attention (the layout check refuses it
+#: on CPU), so it runs CP=1 here. No shipped config uses pipeline parallelism; DeepSeek-V3 also
+#: runs PP=2 (an uneven split of its 3 reduced layers: the dense first layer and an MoE
+#: layer on stage 1, an MoE layer on stage 2).
+CPU_LAYOUTS = {
+    "olmoe_1b_7b": {"expert_model_parallel_size": 2},
+    "moonlight_16b_a3b": {"expert_model_parallel_size": 2},
+    "qwen3_30b_a3b": {
+        "tensor_model_parallel_size": 2,
+        "sequence_parallel": True,
+        "context_parallel_size": 1,
+        "expert_model_parallel_size": 2,
+    },
+    "deepseek_v3_style": {
+        "tensor_model_parallel_size": 2,
+        "sequence_parallel": True,
+        "expert_model_parallel_size": 2,
+    },
+    "deepseek_v3_style-pp2": {
+        "tensor_model_parallel_size": 1,
+        "sequence_parallel": False,
+        "pipeline_model_parallel_size": 2,
+        "num_layers_in_first_pipeline_stage": 2,
+        "expert_model_parallel_size": 1,
+    },
+}
+
+
+def _reduced_overrides(name: str, run_dir) -> list[str]:
+    """``key=value`` overrides: the config at reduced width (``reduced``, shipped dtype and
+    recompute kept), a CPU layout of its own kinds, one small RL step."""
+    import json
+
+    shipped = _config(name.split("-")[0])
+    model = reduced(shipped.model)
+    model = dataclasses.replace(
+        model,
+        params_dtype=shipped.model.params_dtype,
+        recompute_granularity=shipped.model.recompute_granularity,
+    )
+    overrides = [
+        f"model.{field.name}={json.dumps(getattr(model, field.name))}"
+        for field in dataclasses.fields(model)
+        if getattr(model, field.name) != getattr(shipped.model, field.name)
+    ]
+    overrides += [f"parallel.{k}={json.dumps(v)}" for k, v in CPU_LAYOUTS[name].items()]
+    return overrides + [
+        "steps=1",
+        "warm_start.steps=0",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=6",
+        "rollout.micro_batch_size=2",
+        "grpo.micro_batch_size=2",
+        "replay.off_n=2",
+        "checkpoint.dir=null",
+        "logging.tensorboard=false",
+        f"logging.dir={run_dir}",
+    ]
+
+
+def _one_trainer_step(config_path, overrides):
+    """The trainer as ``pr2-train`` runs it (no test patches: MLA builds on CPU by itself)."""
+    from pr2_megatron.rl.config import load_config
+    from pr2_megatron.rl.layout import check_layout
+    from pr2_megatron.rl.train import Trainer
+    from pr2_megatron.runtime.parallel import destroy_parallel
+
+    cfg = load_config(config_path, overrides)
+    check_layout(cfg)
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    layers = trainer.controller.layer_numbers
+    destroy_parallel()
+    return code, trainer.step, layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CPU_LAYOUTS))
+def test_reduced_config_runs_one_trainer_step_in_its_own_layout(name, tmp_path):
+    import json
+    import math
+
+    from pr2_megatron.testing.distributed import run_distributed
+    from pr2_megatron.testing.moe import mla_build_blocker
+
+    base = name.split("-")[0]
+    blocker = mla_build_blocker(reduced(_config(base).model))
+    if blocker:
+        pytest.skip(blocker)
+    overrides = _reduced_overrides(name, tmp_path)
+    results = run_distributed(
+        _one_trainer_step, 2, CONFIG_DIR / f"{base}.yaml", overrides, timeout=400
+    )
+    assert [(code, step) for code, step, _ in results] == [(0, 1), (0, 1)]
+    moe_layers = reduced(_config(base).model).moe_layer_numbers()
+    assert sorted({n for _, _, layers in results for n in layers}) == moe_layers
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mini = [r for r in records if r["event"] == "mini_step"]
+    assert [r["mini_step"] for r in mini] == [1, 2]
+    for record in mini:
+        # Finite (0.0 where every reward of this untrained model is 0: no policy gradient).
+        assert math.isfinite(record["ppo/grad_norm"])
+        # pr2: training replayed exactly the routes the rollout used, in every MoE layer.
+        assert record["rollout_vs_train/zero_deviation_ratio"] == 1.0
+        for layer in moe_layers:
+            assert f"rollout_vs_train/topk_overlap/replayed/layer_{layer}" in record
+    assert mini[0]["ppo/ratio_max_abs_dev"] < 0.05  # rollout weights (bf16 rollout numerics)
+    assert "predictor/loss" in mini[1]

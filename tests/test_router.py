@@ -269,7 +269,9 @@ def test_predictor_param_group_and_zero_init():
     groups = param_groups(model, lr=1e-3, weight_decay=0.1, lr_multiplier=1e3)
     assert len(groups) == 2
     predictor_group = groups[1]
-    assert predictor_group["lr"] == pytest.approx(1.0) and predictor_group["weight_decay"] == 0.0
+    assert predictor_group["lr"] == pytest.approx(1.0)
+    # Weight decay and betas follow the policy's (the PR2 authors' code) unless configured.
+    assert predictor_group["weight_decay"] == 0.1 and "betas" not in predictor_group
     ctl = RoutingController(model)
     assert [p.data_ptr() for p in predictor_group["params"]] == [
         p.data_ptr() for p in ctl.predictor_parameters()

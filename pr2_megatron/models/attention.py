@@ -19,7 +19,9 @@ from pr2_megatron.models.config import MoEModelConfig
 
 __all__ = [
     "CachedRopeSelfAttention",
+    "DuplicatedLinear",
     "HeadQKNorm",
+    "LatentNorm",
     "MLACoreAttention",
     "ProjectionQKNorm",
     "with_attention_features",
@@ -34,7 +36,8 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
     * ``qk_norm='head'`` on the local spec: the torch norm of :class:`HeadQKNorm`, which accepts
       sequence parallelism and marks its weight for a TP gradient sum.
     * MLA on the local spec: :class:`MLACoreAttention` as core attention (core 0.16.1's local
-      ``DotProductAttention`` does not take MLA's separate q/k and v head dims).
+      ``DotProductAttention`` does not take MLA's separate q/k and v head dims), and
+      :class:`LatentNorm` for the q/kv latent norms (usable with sequence parallelism).
     * Standard self-attention becomes :class:`CachedRopeSelfAttention` (the same module outside
       a static inference context; decoding with one rotates each key once, not the whole cache
       at every step).
@@ -45,6 +48,8 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
         megatron_features().have_te if use_transformer_engine is None else use_transformer_engine
     )
     if model.multi_latent_attention:
+        if not megatron_features().have_te:
+            _use_duplicated_down_projections()
         _check_mla_buildable()
         if model.q_lora_rank is None and model.qk_norm == "head" and not use_te:
             features = megatron_features()
@@ -63,6 +68,14 @@ def with_attention_features(block_spec, model: MoEModelConfig, use_transformer_e
         if model.multi_latent_attention:
             if not use_te:
                 replaced["core_attention"] = MLACoreAttention
+                # Megatron's torch-norm fallback refuses sequence parallelism; under SP each
+                # TP rank normalises its own tokens' latents with the replicated weight.
+                if model.qk_norm != "none":  # "none": Megatron's IdentityOp stays
+                    replaced["q_layernorm"] = LatentNorm
+                    replaced["kv_layernorm"] = LatentNorm
+                if not megatron_features().have_te:
+                    replaced["linear_q_down_proj"] = DuplicatedLinear
+                    replaced["linear_kv_down_proj"] = DuplicatedLinear
         elif model.qk_norm == "projection":
             replaced["q_layernorm"] = _projection_norm_spec("query")
             replaced["k_layernorm"] = _projection_norm_spec("key")
@@ -95,8 +108,9 @@ def _check_mla_buildable() -> None:
 
     Without Transformer Engine, ``megatron.core.extensions.transformer_engine`` still imports
     and leaves ``TELinear`` as a ``MagicMock`` instance, so ``MLASelfAttention.__init__``'s
-    ``isinstance(self.linear_proj, TELinear)`` raises ``TypeError``. A CPU bring-up that sets
-    ``multi_latent_attention.TELinear`` to a plain class makes it build.
+    ``isinstance(self.linear_proj, TELinear)`` raises ``TypeError``.
+    :func:`_use_duplicated_down_projections` (run first without TE) sets it to
+    :class:`DuplicatedLinear`, so this only fires where something else replaced it.
     """
     from megatron.core.transformer import multi_latent_attention
 
@@ -123,6 +137,77 @@ class HeadQKNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.tensor_model_parallel_size > 1
+
+
+class LatentNorm(HeadQKNorm):
+    """MLA's RMSNorm of the q and kv latents (DeepSeek-V3, Moonlight) on the local spec.
+
+    Under sequence parallelism each TP rank holds ``[s / TP, b, rank]`` latents and normalises
+    its own tokens with the replicated weight, so the weight's gradient is a sum over TP: the
+    same torch norm and ``sequence_parallel`` mark as :class:`HeadQKNorm` (Megatron's torch-norm
+    fallback asserts that SP is off). Parameter names are those of the stock norm.
+    """
+
+
+class DuplicatedLinear(torch.nn.Module):
+    """MLA's q/kv down projections on the local spec: one linear replicated over TP.
+
+    Transformer Engine builds them as ``TELinear(parallel_mode='duplicated')``: under sequence
+    parallelism each TP rank projects its own tokens, and the rotary key part is all-gathered
+    with a reduce-scatter backward. Megatron's local alternative, a ``ColumnParallelLinear``
+    whose output is gathered over TP, gives a wrong input gradient under TP > 1: every TP rank
+    applies the rotary key to its own heads, and the gather's backward keeps only the rank's
+    slice of that partial gradient (the other ranks' heads' share is dropped). This module
+    takes TE's place (megatron-core's ``multi_latent_attention.TELinear`` is set to it when TE
+    is absent: :func:`_use_duplicated_down_projections`). The weight is replicated over TP, its
+    gradient a sum over TP (``sequence_parallel``); checkpoints see a replicated tensor.
+    TP > 1 without sequence parallelism (which the MoE trainer refuses) gives the right forward,
+    but the rotary-key part of the input gradient is then only the rank's heads' share.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method,
+        bias: bool,
+        skip_bias_add: bool = False,
+        **_unused,
+    ) -> None:
+        super().__init__()
+        tp = config.tensor_model_parallel_size
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype)
+        )
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype))
+        self.skip_bias_add = skip_bias_add
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.sequence_parallel = tp > 1
+
+    def forward(self, input_):
+        """``(output, bias)``: the bias is returned separately with ``skip_bias_add``."""
+        bias = None if self.skip_bias_add else self.bias
+        output = torch.nn.functional.linear(input_, self.weight, bias)
+        return output, self.bias if self.skip_bias_add else None
+
+
+def _use_duplicated_down_projections() -> None:
+    """Without TE, make megatron-core's MLA treat :class:`DuplicatedLinear` as its TELinear.
+
+    ``MLASelfAttention`` picks the duplicated layout for a down projection whose class is
+    ``TELinear`` (core 0.16.1 leaves a ``MagicMock`` there without TE, which also breaks its
+    ``isinstance`` check; 0.19 leaves None). No TE module exists in such a process.
+    """
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.TELinear = DuplicatedLinear
 
 
 class ProjectionQKNorm(torch.nn.Module):

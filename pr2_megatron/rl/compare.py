@@ -15,6 +15,17 @@ measures router staleness):
 - ``overlap`` / ``zero-dev`` at mini-steps ≥ 2: top-k overlap and zero-deviation ratio of the
   route the tokens were sampled and trained with against the live router (none: the rollout's
   route; r2: the old-pass route; r3: the rollout's; pr2: the predicted route);
+- ``router agr.`` at mini-steps ≥ 2: the mean over routers of per-router set agreement
+  (``1 − router_disagreement``: the share of token-layer routes equal to the live set), the
+  figure that compares across depths -- a zero deviation over 48 layers cannot be compared with
+  a 4-layer toy's; ``overlap @1``: the overlap at mini-step 1 (pr2: the cost of predicting
+  before the router has moved; plain replay is 1 there with fp32 rollout);
+- ``vs plain, same run``: the route trained with minus the plain-replay route (the live top-k
+  at rollout), both against the live router on the same tokens (pr2: the gain of prediction
+  within its own run; r3: 0);
+- ``lagged gain`` (r2 / r3 / pr2 runs with ``diagnostics.predictability``): what a ridge fit on
+  the previous rollout batch gains over plain replay, ± its paired standard error over steps
+  (:mod:`pr2_megatron.rl.diagnostics`);
 - ``k3 KL @1`` and ``extreme @1``: training vs rollout log-prob mismatch at mini-step 1;
 - ``clip``: PPO clip fraction over all mini-steps; ``reward``: mean reward of the second half.
 """
@@ -29,7 +40,11 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-MODES = ("none", "r2", "r3", "pr2")
+MODES = ("none", "r2", "r3", "pr2", "pr2-actor")
+#: The default comparison (``pr2-actor``, actor-side PR2, on request: ``--modes``).
+DEFAULT_MODES = ("none", "r2", "r3", "pr2")
+#: The config keys of a mode (``pr2-actor``: ``replay.mode=pr2 replay.predict_at=old_logprob``).
+MODE_KEYS = {"pr2-actor": ["replay.mode=pr2", "replay.predict_at=old_logprob"]}
 
 
 def run_mode(config: str, mode: str, out: Path, nproc: int, overrides: list[str]) -> Path:
@@ -38,7 +53,8 @@ def run_mode(config: str, mode: str, out: Path, nproc: int, overrides: list[str]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "pr2_megatron.rl.train", "--config", config,
-        *overrides, f"replay.mode={mode}", f"logging.dir={run_dir}", "checkpoint.dir=null",
+        *overrides, *MODE_KEYS.get(mode, [f"replay.mode={mode}"]), f"logging.dir={run_dir}",
+        "checkpoint.dir=null",
     ]  # fmt: skip
     print("+ " + " ".join(command), flush=True)
     env = dict(os.environ, TORCHDYNAMO_DISABLE=os.environ.get("TORCHDYNAMO_DISABLE", "1"))
@@ -66,9 +82,16 @@ def summarize(records: list[dict]) -> dict:
 
     prefix = "routing/topk_overlap/replayed/layer_"
     layers = sorted({k[len(prefix) :] for r in late for k in r if k.startswith(prefix)}, key=int)
+    lagged = _lagged_gain(records)
     return {
         "overlap": avg(late, "routing/topk_overlap/replayed"),
+        "router_agreement": 1.0 - avg(late, "routing/router_disagreement"),
+        "overlap_ministep1": avg(first, "routing/topk_overlap/replayed"),
+        "lagged_gain": lagged["mean"],
+        "lagged_gain_se": lagged["se"],
         "overlap_plain_replay": avg(late, "routing/topk_overlap/plain"),
+        "gain_vs_plain": avg(late, "routing/topk_overlap/replayed")
+        - avg(late, "routing/topk_overlap/plain"),
         "zero_deviation": avg(late, "routing/zero_deviation_ratio"),
         "rollout_vs_train_overlap": avg(minis, "rollout_vs_train/topk_overlap/replayed"),
         "k3_kl_ministep1": avg(first, "logprob/k3_kl"),
@@ -87,11 +110,33 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def _lagged_gain(records: list[dict]) -> dict:
+    """Mean and paired SE over steps of the run's ``predictability/lagged_gain`` records."""
+    from pr2_megatron.metrics.predictability import summarize_gains
+
+    values = [
+        r["predictability/lagged_gain"]
+        for r in records
+        if r["event"] == "predictability" and "predictability/lagged_gain" in r
+    ]
+    return summarize_gains(values)
+
+
+def _cell(summary: dict, key: str, fmt: str) -> str:
+    if key == "lagged_gain":
+        mean, se = summary.get("lagged_gain", float("nan")), summary.get("lagged_gain_se")
+        return "—" if mean != mean else f"{mean:+.4f} ± {se:.4f}"
+    return fmt.format(summary.get(key, float("nan")))
+
+
 def markdown_table(summaries: dict[str, dict]) -> str:
     """The comparison as a markdown table, one row per mode."""
     columns = [
         ("overlap (≥2)", "overlap", "{:.4f}"),
+        ("router agr. (≥2)", "router_agreement", "{:.4f}"),
         ("zero-dev (≥2)", "zero_deviation", "{:.4f}"),
+        ("overlap @1", "overlap_ministep1", "{:.4f}"),
+        ("vs plain, same run (≥2)", "gain_vs_plain", "{:+.4f}"),
         ("rollout≡train overlap", "rollout_vs_train_overlap", "{:.4f}"),
         ("k3 KL @1", "k3_kl_ministep1", "{:.2e}"),
         ("extreme @1", "extreme_ministep1", "{:.4f}"),
@@ -100,13 +145,14 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         ("clip frac", "clip_fraction", "{:.4f}"),
         ("reward (2nd half)", "reward_second_half", "{:.3f}"),
         ("step time ×none", "step_time_ratio", "{:.2f}"),
+        ("lagged gain", "lagged_gain", ""),
     ]
     lines = [
         "| mode | " + " | ".join(c[0] for c in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for mode, summary in summaries.items():
-        cells = [fmt.format(summary[key]) for _, key, fmt in columns]
+        cells = [_cell(summary, key, fmt) for _, key, fmt in columns]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     layers = sorted({n for s in summaries.values() for n in s["per_layer_overlap"]}, key=int)
     if layers:
@@ -180,7 +226,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compare none / r2 / r3 / pr2 on one job")
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {MODES}")
     parser.add_argument("--nproc", type=int, default=int(os.environ.get("NPROC", "2")))
     parser.add_argument("--reuse", action="store_true", help="summarize existing runs only")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every mode")

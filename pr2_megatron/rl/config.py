@@ -2,9 +2,9 @@
 
 A config file mirrors :class:`TrainConfig`: one mapping per section (``model``, ``parallel``,
 ``router``, ``replay``, ``task``, ``tokenizer``, ``rollout``, ``grpo``, ``optim``,
-``warm_start``, ``checkpoint``, ``logging``) plus the top-level ``seed`` and ``steps``. Every
-field is documented by the ``#:`` comment above it; :func:`config_reference` renders those
-comments as the reference in ``docs/config.md`` (a test keeps the two identical).
+``warm_start``, ``checkpoint``, ``logging``, ``diagnostics``) plus the top-level ``seed`` and
+``steps``. Every field is documented by the ``#:`` comment above it; :func:`config_reference`
+renders those comments as the reference in ``docs/config.md`` (a test keeps the two identical).
 
 Errors name the file, the full key path and the bad value, and suggest the nearest known key::
 
@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pr2_megatron.models.builder import MoEModelConfig
+from pr2_megatron.rl.diagnostics import DiagnosticsConfig
 from pr2_megatron.routing.probmoe.router import ProbMoEConfig
 from pr2_megatron.routing.router import PR2RouterConfig
 from pr2_megatron.runtime.parallel import ParallelConfig
@@ -187,7 +188,11 @@ class GRPOConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam for the model (the predictors get ``lr × router.pr2.lr_multiplier``, no decay)."""
+    """Adam for the model; the predictors get ``lr × router.pr2.lr_multiplier`` and these.
+
+    Betas and weight decay also apply to the predictors unless ``router.pr2.predictor_betas`` /
+    ``router.pr2.predictor_weight_decay`` are set.
+    """
 
     #: Learning rate of the model in RL steps.
     lr: float = 1e-4
@@ -222,6 +227,10 @@ class WarmStartConfig:
     #: Learning rate and sequences per step (over all data-parallel ranks).
     lr: float = 3e-3
     batch_size: int = 32
+    #: Load-balancing aux-loss coefficient during the warm start (None: ``model.aux_loss_coeff``
+    #: throughout). With ``model.aux_loss_coeff > 0`` and 0 here the aux loss is on in RL only:
+    #: a persistent router drift (the testbed, docs/pr2_effect.md).
+    aux_loss_coeff: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -230,6 +239,8 @@ class WarmStartConfig:
             raise ValueError(f"warm_start.batch_size must be >= 1, got {self.batch_size}")
         if self.lr < 0:
             raise ValueError(f"warm_start.lr must be >= 0, got {self.lr}")
+        if self.aux_loss_coeff is not None and self.aux_loss_coeff < 0:
+            raise ValueError(f"warm_start.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
 
 
 @dataclass
@@ -292,6 +303,7 @@ class TrainConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 0:

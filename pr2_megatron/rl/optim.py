@@ -6,7 +6,9 @@
   all-reduces, the expert-bias update, all at the end of a schedule).
 * :class:`Optimizer`: ``get_megatron_optimizer`` (FP32 optimizer, or the distributed optimizer
   with fp32 main parameters for bf16 models; the predictors in their own group at ``lr × α``
-  without weight decay, :func:`~pr2_megatron.routing.optimizer.predictor_config_overrides`),
+  with the policy's weight decay and betas unless ``router.pr2.predictor_weight_decay`` /
+  ``predictor_betas`` say otherwise,
+  :func:`~pr2_megatron.routing.optimizer.predictor_config_overrides`),
   Megatron's gradient clipping (``clip_grad``, the global norm over every model-parallel
   shard), and ``OptimizerParamScheduler`` (a constant lr; the per-group lr of the predictors
   comes from it).

@@ -186,45 +186,105 @@ def gather_dp(tensor: torch.Tensor) -> torch.Tensor:
     return _gather_dp(tensor)
 
 
-def predictor_metrics(routers, device: torch.device) -> dict:
+def predictor_metrics(routers, device: torch.device, groups=()) -> dict:
     """``predictor/loss`` (overall and per layer) of a replay pass that trained the predictors.
 
-    Means over every (router, forward) of the model's stages, then over the DP ranks (as
-    ``RoutingController.metrics`` gives them at PP=1).
+    Token means: each forward's loss weighted by its cached tokens, summed over the model's
+    stages and over ``groups`` (the trainer's routing groups: DP, TP under SP, CP), so the
+    figure is the same in every layout (not one TP rank's sequence chunk).
     """
     local = {
-        r.route_layer_number: (sum(r.predictor_losses), len(r.predictor_losses)) for r in routers
+        r.route_layer_number: (
+            sum(loss * n for loss, n in zip(r.predictor_losses, r.predictor_loss_tokens)),
+            sum(r.predictor_loss_tokens),
+            len(r.predictor_losses),
+        )
+        for r in routers
     }
-    if routers and not any(count for _, count in local.values()):
+    if routers and not any(forwards for _, _, forwards in local.values()):
         raise RuntimeError("the predictors trained in no forward of this pass")
     merged = _merge_over_pipeline(local)
-    total = sum(s for s, _ in merged.values())
-    count = sum(c for _, c in merged.values())
+    layers = sorted(merged)
+    sums = torch.tensor(
+        [[merged[layer][0], merged[layer][1]] for layer in layers],
+        dtype=torch.float64,
+        device=device,
+    ).reshape(-1, 2)
+    for group in groups:
+        _reduce(sums, group)
+    total, count = (float(x) for x in sums.sum(0)) if layers else (0.0, 0.0)
     out = {"predictor/loss": total / count} if count else {}
-    for layer in sorted(merged):
-        s, c = merged[layer]
+    for layer, (s, c) in zip(layers, sums.tolist()):
         if c:
             out[f"predictor/loss/layer_{layer}"] = s / c
-    return {key: dp_mean(value, device) for key, value in out.items()}
+    accuracy = {  # hook(effect): the reference's predictive_topk_accuracy, per router
+        r.route_layer_number: [float(v) for v in sum(r.predictor_accuracy, torch.zeros(3))]
+        for r in routers
+    }
+    names = ["predictor/topk_accuracy", "predictor/topk_accuracy_plain"]
+    out.update(layer_count_ratios(accuracy, names, device, groups))
+    return out
 
 
-def predict_metrics(routers, device: torch.device) -> dict:
-    """``predictor/delta_to_logit_ratio`` of a predict pass: mean |Δ| / mean |z|, all stages."""
+def predict_metrics(routers, device: torch.device, groups=()) -> dict:
+    """``predictor/delta_to_logit_ratio`` of a predict pass: mean |Δ| / mean |z|.
+
+    Token means over every stage and over ``groups`` (DP, TP under SP, CP).
+    """
     records = [rec for r in routers for rec in r.metric_records]
     sums = torch.tensor(
         [
-            float(sum(float(rec["delta_abs"]) for rec in records)),
-            float(sum(float(rec["logit_abs"]) for rec in records)),
-            float(len(records)),
+            float(sum(float(rec["delta_abs"]) * rec["tokens"] for rec in records)),
+            float(sum(float(rec["logit_abs"]) * rec["tokens"] for rec in records)),
+            float(sum(rec["tokens"] for rec in records)),
         ],
         dtype=torch.float64,
         device=device,
     )
     _reduce(sums, _pp_group())
+    for group in groups:
+        _reduce(sums, group)
     if not float(sums[2]):
         return {}
-    delta, logit = float(sums[0]) / float(sums[2]), float(sums[1]) / float(sums[2])
-    return {"predictor/delta_to_logit_ratio": dp_mean(delta / logit if logit else 0.0, device)}
+    delta, logit = float(sums[0]), float(sums[1])
+    out = {"predictor/delta_to_logit_ratio": delta / logit if logit else 0.0}
+    changed = {  # hook(effect): routes the predictor changes, flip fallbacks, per router
+        r.route_layer_number: [
+            float(v) for v in sum((rec["changed"] for rec in r.metric_records), torch.zeros(3))
+        ]
+        for r in routers
+    }
+    names = ["predictor/route_change_fraction", "predictor/flip_fallback_fraction"]
+    out.update(layer_count_ratios(changed, names, device, groups, empty=0.0))
+    return out
+
+
+def layer_count_ratios(
+    local: dict, names: list[str], device: torch.device, groups=(), empty: Optional[float] = None
+) -> dict:
+    """Ratios of per-layer counts ``{layer: [a, b, ..., tokens]}`` over all stages and ``groups``.
+
+    ``names[i]`` is ``count[i] / tokens``, overall and ``/layer_{n}``, the counts summed over
+    the model's stages and over ``groups`` (the trainer's routing groups: DP, TP under SP, CP);
+    a layer (or the total) without tokens gets ``empty`` (None: no entry).
+    """
+    merged = _merge_over_pipeline(local)
+    layers = sorted(merged)
+    if not layers:
+        return {}
+    counts = torch.tensor([merged[n] for n in layers], dtype=torch.float64, device=device)
+    for group in groups:
+        _reduce(counts, group)
+    counts = counts.cpu()
+    out = {}
+    rows = [("", counts.sum(0)), *((f"/layer_{n}", counts[i]) for i, n in enumerate(layers))]
+    for suffix, row in rows:
+        tokens = float(row[-1])
+        if not tokens and empty is None:
+            continue
+        for index, name in enumerate(names):
+            out[f"{name}{suffix}"] = float(row[index]) / tokens if tokens else empty
+    return out
 
 
 def _merge_over_pipeline(local: dict) -> dict:

@@ -81,10 +81,14 @@ def rollout(trainer, step: int, problems: list) -> Rollout:
     predicting = trainer.mode.rollout == "predict"
     if ctl is not None:
         ctl.predict(collect_metrics=True) if predicting else ctl.record()
+    trainer.diagnostics.begin_rollout(step)  # hook(effect)
     generators = [trainer.seeded(3, step, 1 + i) for i in sample_ids]
     pieces = split_rows(range(len(samples)), cfg.rollout.micro_batch_size)
     micro = _generate(trainer, samples, sample_ids, generators, pieces)
-    metrics = predict_metrics(ctl.routers, trainer.device) if predicting else {}
+    trainer.diagnostics.end_rollout()  # hook(effect)
+    metrics = (
+        predict_metrics(ctl.routers, trainer.device, trainer.routing_groups()) if predicting else {}
+    )
     batch = RolloutBatch.from_rollout(micro, trainer.seq_len, trainer.device)
     table = None
     if path is not None:
@@ -182,7 +186,7 @@ def old_logprobs(trainer, rollout_: Rollout) -> OldLogprobs:
     if ctl is not None and mode.records_old_logprob_routes:
         out.table = path.gather([mb.route_batch for mb in micro])
     if ctl is not None and mode.old_logprob == "predict":
-        out.metrics = predict_metrics(ctl.routers, trainer.device)
+        out.metrics = predict_metrics(ctl.routers, trainer.device, trainer.routing_groups())
     if ctl is not None and mode.old_logprob == "replay":
         ctl.finish()
     return out
@@ -197,6 +201,7 @@ def mini_step(trainer, step: int, index: int, rollout_: Rollout, advantages_N, o
         rows, micro_size(cfg, len(rows)), old_logp_NS=old.logp_NS, advantages_N=advantages_N
     )
     train_predictor = mode.trains_predictor_at(index)
+    trainer.diagnostics.begin_mini_step(index)  # hook(effect): before naming the tokens
     routing = _queue_routes(trainer, micro, rollout_, old, train_predictor)
     mask_NS = batch.mask_NS[rows]
     tokens = mask_NS.sum().detach().clone().float()
@@ -218,6 +223,7 @@ def mini_step(trainer, step: int, index: int, rollout_: Rollout, advantages_N, o
         vocab_size=trainer.vocab,
         forward_only=False,
     )
+    trainer.diagnostics.end_mini_step()  # hook(effect)
     if ctl is not None:
         ctl.finish()
     grad_norm = trainer.optimizer.step()
@@ -240,7 +246,7 @@ def mini_step(trainer, step: int, index: int, rollout_: Rollout, advantages_N, o
     )
     record["ppo/grad_norm"] = grad_norm
     if train_predictor:
-        record.update(predictor_metrics(ctl.routers, trainer.device))
+        record.update(predictor_metrics(ctl.routers, trainer.device, trainer.routing_groups()))
     return record
 
 

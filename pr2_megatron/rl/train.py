@@ -98,6 +98,11 @@ class Trainer:
         self.drift = RouterDrift()
         self.checkpoint = TrainerCheckpoint(self)
         self.log = RunLog(cfg.logging.dir, enabled=self.rank0, tensorboard=cfg.logging.tensorboard)
+        from pr2_megatron.rl.diagnostics import StepDiagnostics  # hook(effect)
+
+        self.diagnostics = StepDiagnostics(  # hook(effect): predictability diagnostic
+            cfg, self.controller, self.log, rank0=self.rank0, groups=self.routing_groups()
+        )
         self._start_monitoring()
 
     @property
@@ -240,10 +245,6 @@ class Trainer:
     # ---------------------------------------------------------------------------- warm start
     def warm_start(self) -> None:
         """Supervised steps on correct answers (router live, nothing recorded)."""
-        from pr2_megatron.rl.batches import SupervisedMicroBatch, split_rows
-        from pr2_megatron.rl.layout import micro_size
-        from pr2_megatron.rl.schedule import run_schedule, sft_loss_fn
-
         warm = self.cfg.warm_start
         if self.warm_started or warm.steps == 0:
             self.warm_started = True
@@ -251,6 +252,20 @@ class Trainer:
         optimizer = self._optimizer(warm.lr, warm.steps)
         if self.controller is not None:
             self.controller.off()
+        from pr2_megatron.rl.drivers import set_aux_loss_coeff  # hook(effect)
+
+        rl_aux_coeff = set_aux_loss_coeff(self.chunks, warm.aux_loss_coeff)  # hook(effect)
+        try:
+            self._warm_start_steps(optimizer)
+        finally:  # hook(effect): RL's aux-loss coefficient, also after a signal
+            set_aux_loss_coeff(self.chunks, rl_aux_coeff)
+
+    def _warm_start_steps(self, optimizer) -> None:
+        from pr2_megatron.rl.batches import SupervisedMicroBatch, split_rows
+        from pr2_megatron.rl.layout import micro_size
+        from pr2_megatron.rl.schedule import run_schedule, sft_loss_fn
+
+        warm = self.cfg.warm_start
         start = time.time()
         for i in range(warm.steps):
             if i % 10 == 9 and self.stop_requested():
@@ -312,6 +327,8 @@ class Trainer:
         problems = self.share_of(
             self.task.sample(cfg.rollout.prompts_per_step, self.seeded(2, step))
         )
+        if self.controller is not None and self.mode.predicts_in is not None:
+            self.controller.set_rollout_id(step)  # hook(effect): stabiliser schedule
         # 1. Rollout (rollout numerics), routes captured and gathered into one table.
         rollout = steps.rollout(self, step, problems)
         # 2. GRPO advantages.
@@ -327,6 +344,9 @@ class Trainer:
             steps.mini_step(self, step, index, rollout, advantages, old)
             for index in range(1, cfg.replay.off_n + 1)
         ]
+        self.diagnostics.end_step(  # hook(effect)
+            step, rollout.batch.mask_NS.cpu(), rollout.batch.sample_ids
+        )
         # 5. Metrics.
         records[-1].update(self.drift.measure(self.routers, before, self.device))
         records[-1]["time/step_seconds"] = time.time() - start

@@ -254,12 +254,13 @@ class RoutePath:
     ) -> None:
         """Queue the feature-cache names of the next forward's tokens (see :func:`token_keys`).
 
-        Only when the pass uses them (predict phase, or replay that trains the predictor), so
-        it is safe to call before every forward. ``start``: first position of a decoding
+        Only when the pass uses them (predict phase, replay that trains the predictor, or a
+        probe attached: ``RoutingController.attach_probe``), so it is safe to call before every
+        forward. ``start``: first position of a decoding
         forward's window (KV-cached generation feeds positions ``start .. start + seq_len - 1``).
         """
         ctl = self.controller
-        if ctl.routers and (ctl.phase.value == "predict" or ctl.trains_predictor):
+        if ctl.routers and (ctl.phase.value == "predict" or ctl.trains_predictor or ctl.probing):
             ctl.set_token_keys(*token_keys(batch, self.groups, captured_SB, start=start))
 
     def gather(

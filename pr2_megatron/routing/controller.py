@@ -33,6 +33,9 @@ Multi-token-prediction (MTP) layers have PR2 routers too, numbered past the deco
 choice: ``mtp="exclude"`` keeps them out of the route path (they route live in every phase and
 never expect targets: the engine format, whose ``routed_experts`` cover the decoder layers
 only), ``mtp="include"`` treats them as further MoE layers of the route table.
+
+A pass's metrics (:meth:`RoutingController.metrics`) are read in
+:mod:`pr2_megatron.routing.controller_metrics`.
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ import torch
 
 from pr2_megatron.errors import RouteError
 from pr2_megatron.metrics.agreement import RoutingAgreement
+from pr2_megatron.routing.controller_metrics import ControllerMetrics
 from pr2_megatron.routing.router import PR2Router, RoutingPhase
 
 #: One forward's routes, ``[T, L, K]`` each: ``replayed``, ``live`` and ``plain`` (or None).
 ForwardRoutes = dict[str, Optional[torch.Tensor]]
 
 
-class RoutingController:
+class RoutingController(ControllerMetrics):
     """Switch phases, hand over and collect routes, and read metrics for every PR2 router.
 
     Raises ``ValueError`` for a model whose MoE layers have other routers than PR2's (Megatron's
@@ -216,6 +220,33 @@ class RoutingController:
             collect_metrics=collect_metrics,
             on_forward=on_forward,
         )
+
+    # ----------------------------------------------------------------------- probes, schedule
+    def attach_probe(self, probe: Callable) -> None:
+        """Hand every named forward's router inputs and logits to ``probe`` (any phase).
+
+        ``probe(router, keys_T, hidden_TH, logits_TE)`` is called by each router after a
+        forward whose tokens were named (``RoutePath.name_tokens`` names them in every phase
+        while a probe is attached); a diagnostic recorder, e.g.
+        :class:`pr2_megatron.routing.probe.FeatureRecorder`.
+        """
+        for router in self.routers:
+            router.feature_probe = probe
+
+    def detach_probe(self) -> None:
+        """Stop handing forwards to the probe (token names are again needed only by PR2)."""
+        for router in self.routers:
+            router.feature_probe = None
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe is attached (forwards' tokens must then be named)."""
+        return bool(self.routers) and self.routers[0].feature_probe is not None
+
+    def set_rollout_id(self, rollout_id: int) -> None:
+        """The rollout id the stabilisers' schedules follow (the margin cap's η anneal)."""
+        for router in self.routers:
+            router.rollout_id = int(rollout_id)
 
     # ----------------------------------------------------------------------------- routes
     def set_targets(
@@ -448,70 +479,6 @@ class RoutingController:
                 )
             )
         return counts.pop() if counts else 0
-
-    def metrics(self, group: Optional[torch.distributed.ProcessGroup] = None) -> dict[str, float]:
-        """Routing agreement and predictor numbers of this pass, all-reduced over ``group``.
-
-        Replay with ``collect_metrics``: agreement of the replayed (and plain-replay) route with
-        the live top-k (:func:`pr2_megatron.metrics.routing_agreement`); replay that trains the
-        predictors: their loss (this rank's mean). Predict with ``collect_metrics``: the
-        predictor's logit shift relative to the logits. Raises RuntimeError for a pass that
-        collected nothing (no ``collect_metrics``, no predictor training, or no forward yet),
-        where all-zero figures would look like data.
-        """
-        out: dict[str, float] = {}
-        if self.phase == RoutingPhase.REPLAY and (self.collects_metrics or self.trains_predictor):
-            if self.collects_metrics:
-                self._require_forwards()
-                agreement = self._agreement_of_pass()
-                if group is not None:
-                    agreement.reduce_(group)
-                out.update(agreement.summary())
-            if self.trains_predictor:
-                out.update(self._predictor_losses())
-        elif self.phase == RoutingPhase.PREDICT and self.collects_metrics:
-            self._require_forwards()
-            delta = [rec["delta_abs"] for r in self.routers for rec in r.metric_records]
-            logit = [rec["logit_abs"] for r in self.routers for rec in r.metric_records]
-            if delta:
-                mean_logit = float(torch.stack(logit).mean())
-                ratio = float(torch.stack(delta).mean()) / mean_logit if mean_logit else 0.0
-                out["predictor/delta_to_logit_ratio"] = ratio
-        else:
-            raise RuntimeError(
-                f"metrics(): this {self.phase.value} pass collects no metrics (start a replay "
-                "or predict pass with collect_metrics=True, or train the predictors)"
-            )
-        return out
-
-    def _require_forwards(self) -> None:
-        held = 0 if self._on_forward is not None else self._num_forwards()
-        if self.routers and held + self._released_forwards == 0:
-            raise RuntimeError(f"metrics(): no forward ran in this {self.phase.value} pass")
-
-    def _agreement_of_pass(self) -> RoutingAgreement:
-        """Agreement of every forward of the pass: released forwards' sums plus held forwards.
-
-        The same sums, added in the same order, as one accumulator over all forwards.
-        """
-        layers = self.layer_numbers
-        agreement = RoutingAgreement.from_tensor(self._pass_agreement.as_tensor(), layers)
-        if self._on_forward is None:
-            for index in range(self._num_forwards()):
-                agreement.add_forward(self._stack_forward(index), layers)
-        return agreement
-
-    def _predictor_losses(self) -> dict[str, float]:
-        losses = [loss for r in self.routers for loss in r.predictor_losses]
-        if self.routers and not losses:
-            raise RuntimeError("metrics(): the predictors trained in no forward of this pass")
-        out = {}
-        if losses:
-            out["predictor/loss"] = sum(losses) / len(losses)
-        for router in self.routers:
-            values = router.predictor_losses
-            out[f"predictor/loss/layer_{router.route_layer_number}"] = sum(values) / len(values)
-        return out
 
     # -------------------------------------------------------------------------- optimizer
     def predictor_parameters(self) -> list[torch.nn.Parameter]:

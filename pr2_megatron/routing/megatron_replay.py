@@ -381,6 +381,7 @@ def megatron_replay_metrics(model) -> dict[str, float]:
         router = replay.router()
         losses.extend(router.predictor_losses)
         router.predictor_losses = []
+        router.predictor_loss_tokens = []
     if losses:
         out["predictor/loss"] = sum(losses) / len(losses)
     return out

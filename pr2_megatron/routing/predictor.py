@@ -11,7 +11,7 @@ cache of rollout router inputs ``h`` (bf16) and logits ``z`` (fp32)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,23 +50,35 @@ def predictor_loss(
     current_logits_CE: torch.Tensor,
     old_logits_CE: torch.Tensor,
     delta_CE: torch.Tensor,
+    weights_C: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean over cached tokens of the predictor's loss; only ``delta_CE`` carries gradient.
 
     * ``kl-post``: ``KL(softmax(z_cur) ‖ softmax(z_old + Δ))`` (the paper's default);
     * ``l2``: ``‖Δ − (z_cur − z_old)‖²`` averaged over experts;
     * ``kl``: ``KL(softmax(z_cur − z_old) ‖ softmax(Δ))`` on the logit shifts.
+
+    ``weights_C`` (optional, detached) weights each token's loss in the mean (the hidden-shift
+    and boundary stabilisers, :mod:`pr2_megatron.routing.stabilisers`): ``mean_c w_c ℓ_c``.
     """
+    if kind not in PREDICTOR_LOSSES:
+        raise ValueError(f"predictor loss must be one of {PREDICTOR_LOSSES}, got {kind!r}")
+    per_token_C = _per_token_loss(kind, current_logits_CE, old_logits_CE, delta_CE)
+    if weights_C is not None:
+        per_token_C = per_token_C * weights_C.detach().to(per_token_C)
+    return per_token_C.mean() if per_token_C.numel() else per_token_C.sum()
+
+
+def _per_token_loss(kind, current_logits_CE, old_logits_CE, delta_CE) -> torch.Tensor:
+    """``ℓ_C``: each cached token's loss (see :func:`predictor_loss`)."""
     target_CE = current_logits_CE.detach().float()
     old_CE = old_logits_CE.detach().float()
-    if kind == "kl-post":
-        log_pred = torch.log_softmax(old_CE + delta_CE, dim=-1)
-        log_target = torch.log_softmax(target_CE, dim=-1)
-        return F.kl_div(log_pred, log_target, log_target=True, reduction="batchmean")
     if kind == "l2":
-        return ((delta_CE - (target_CE - old_CE)) ** 2).mean()
-    if kind == "kl":
-        log_pred = torch.log_softmax(delta_CE, dim=-1)
-        log_target = torch.log_softmax(target_CE - old_CE, dim=-1)
-        return F.kl_div(log_pred, log_target, log_target=True, reduction="batchmean")
-    raise ValueError(f"predictor loss must be one of {PREDICTOR_LOSSES}, got {kind!r}")
+        return ((delta_CE - (target_CE - old_CE)) ** 2).mean(dim=-1)
+    if kind == "kl-post":
+        log_pred, log_target = old_CE + delta_CE, target_CE
+    else:  # kl
+        log_pred, log_target = delta_CE, target_CE - old_CE
+    log_pred = torch.log_softmax(log_pred, dim=-1)
+    log_target = torch.log_softmax(log_target, dim=-1)
+    return F.kl_div(log_pred, log_target, log_target=True, reduction="none").sum(dim=-1)

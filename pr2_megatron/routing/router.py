@@ -24,6 +24,11 @@ replay), for stacks that drive it (verl, NeMo-RL, Megatron's inference engine):
 Whatever the phase, the forward recomputed in backward (Megatron's ``moe`` selective recompute
 or full recompute) reuses the experts of the forward it recomputes, paired by forward number in
 any backward order (:mod:`pr2_megatron.routing.recompute`).
+
+The router's pieces: :mod:`.router_config` (phases, :class:`PR2RouterConfig`, the Megatron
+settings replay cannot run with), :mod:`.router_predictor` (the predict-phase shift through the
+stabilisers and the predictor loss), :mod:`.router_protocol` (Megatron's ``RouterReplay``
+protocol); this module keeps the forward, the phase bookkeeping and the route queues.
 """
 
 from __future__ import annotations
@@ -31,14 +36,11 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -48,65 +50,20 @@ from pr2_megatron.routes.table import route_dtype
 from pr2_megatron.routing.compat import require_router_seam
 from pr2_megatron.routing.feature_cache import FeatureCache
 from pr2_megatron.routing.megatron_replay import (
-    KEY_STRIDE as RECORD_KEY_STRIDE,
-)
-from pr2_megatron.routing.megatron_replay import (
     PR2RouterReplay,
     RouterReplayAction,
 )
 from pr2_megatron.routing.predictor import (
-    PREDICTOR_LOSSES,
     EvolutionPredictor,
-    PredictorLoss,
-    predictor_loss,
 )
 from pr2_megatron.routing.recompute import RecomputeRoutes, in_backward
-
-
-class RoutingPhase(str, Enum):
-    """What the routers do in the next forwards."""
-
-    OFF = "off"
-    RECORD = "record"
-    PREDICT = "predict"
-    REPLAY = "replay"
-
-
-@dataclass
-class PR2RouterConfig:
-    """Settings of the PR2 router (docs/design.md, "The algorithm")."""
-
-    #: Predictor learning rate = model lr × this (the paper sweeps 5e1…1e4).
-    lr_multiplier: float = 1e3
-    #: Predictor loss: ``kl-post`` (paper default), ``l2`` or ``kl``.
-    loss: PredictorLoss = "kl-post"
-    #: T_c: at most this many tokens per response are cached per layer for the predictor.
-    feature_cache_tokens: int = 2048
-    #: Seed of the cache's uniform token sampling (offset by the layer number).
-    cache_seed: int = 1234
-    #: At most this many tokens cached per MoE layer on a rank over all responses (None: no
-    #: cap): the smallest sampling priorities of all responses' candidates, a uniform sample.
-    #: Host memory per rank <= this × MoE layers × (2H + 4E) bytes (about 1.5x while filling).
-    feature_cache_max_total_tokens: Optional[int] = None
-    #: Take part in Megatron's ``RouterReplay`` protocol (needs Megatron's
-    #: ``moe_enable_routing_replay=True``): stacks that drive it (verl R2/R3, NeMo-RL, Megatron's
-    #: inference engine) get PR2 without changing their code -- RECORD records the predicted
-    #: route, replay forwards replay and train the predictor once the router moved
-    #: (:mod:`pr2_megatron.routing.megatron_replay`). Off: the router never registers there.
-    megatron_router_replay: bool = False
-
-    def __post_init__(self) -> None:
-        if self.loss not in PREDICTOR_LOSSES:
-            raise ValueError(f"pr2.loss must be one of {PREDICTOR_LOSSES}, got {self.loss!r}")
-        if not self.lr_multiplier > 0:
-            raise ValueError(f"pr2.lr_multiplier must be > 0, got {self.lr_multiplier}")
-        if self.feature_cache_tokens < 1:
-            raise ValueError(
-                f"pr2.feature_cache_tokens must be >= 1, got {self.feature_cache_tokens}"
-            )
-        cap = self.feature_cache_max_total_tokens
-        if cap is not None and cap < 1:
-            raise ValueError(f"pr2.feature_cache_max_total_tokens must be >= 1 or None, got {cap}")
+from pr2_megatron.routing.router_config import (
+    PR2RouterConfig,
+    RoutingPhase,
+    check_config_supports_replay,
+)
+from pr2_megatron.routing.router_predictor import PredictorSide
+from pr2_megatron.routing.router_protocol import MegatronProtocol, unregister_stock_replay
 
 
 class _ExpertSelector:
@@ -129,7 +86,7 @@ class _ExpertSelector:
         return probs_TK, self.chosen_TK
 
 
-class PR2Router(TopKRouter):
+class PR2Router(PredictorSide, MegatronProtocol, TopKRouter):
     """``TopKRouter`` with PR2's evolution predictor and recompute-safe route record/replay."""
 
     def __init__(
@@ -142,7 +99,7 @@ class PR2Router(TopKRouter):
         features = require_router_seam()
         pr2_config = pr2_config or PR2RouterConfig()
         protocol = pr2_config.megatron_router_replay
-        _check_config_supports_replay(config, megatron_router_replay=protocol)
+        check_config_supports_replay(config, megatron_router_replay=protocol)
         if protocol and type(self)._route is not PR2Router._route:
             raise ValueError(
                 f"{type(self).__name__} chooses experts itself; megatron_router_replay is "
@@ -163,7 +120,7 @@ class PR2Router(TopKRouter):
             # Protocol mode: our RouterReplay takes the place of the stock one TopKRouter made.
             stock = self.router_replay
             self.router_replay = PR2RouterReplay(self)
-            _unregister(stock)
+            unregister_stock_replay(stock)
         else:
             # Megatron's routing calls router_replay.get_replay_topk: ours, not a RouterReplay,
             # so nothing is registered in Megatron's process-global replay registry.
@@ -182,9 +139,21 @@ class PR2Router(TopKRouter):
         #: controller streams records with it (``RoutingController.replay(on_forward=...)``).
         self.on_forward_recorded: Optional[Callable[[PR2Router], None]] = None
         self.predictor_losses: list[float] = []
+        #: Per training forward with predictor loss: ``[hits, plain hits, tokens]`` of the
+        #: predictive top-k accuracy on its cached tokens (``predictor/topk_accuracy``).
+        self.predictor_accuracy: list[torch.Tensor] = []
+        #: Tokens each entry of ``predictor_losses`` is the mean over (token-weighted metrics).
+        self.predictor_loss_tokens: list[int] = []
         self._token_counter = 0
         self._group_counter = 0
         self.feature_cache: FeatureCache | None = None
+        #: The rollout id the margin cap's η anneals over (None: the count of predict passes).
+        self.rollout_id: Optional[int] = None
+        self._predict_passes = 0
+        #: Called as ``probe(router, keys_T, hidden_TH, logits_TE)`` by every forward whose
+        #: tokens were named (``RoutingController.attach_probe``; not from recompute, not in
+        #: protocol mode): a recorder of router inputs and logits per named token.
+        self.feature_probe: Optional[Callable] = None
 
     # ----------------------------------------------------------------- control (used by the API)
     def set_layer_number(self, layer_number: int) -> None:
@@ -239,10 +208,19 @@ class PR2Router(TopKRouter):
         self.recorded_plain = []
         self.metric_records = []
         self.predictor_losses = []
+        self.predictor_accuracy = []
+        self.predictor_loss_tokens = []
         self._token_counter = 0
         self._group_counter = 0
-        if self.phase == RoutingPhase.PREDICT and self.feature_cache is not None:
-            self.feature_cache.clear()
+        if self.phase == RoutingPhase.PREDICT:
+            self._predict_passes += 1
+            if self.feature_cache is not None:
+                self.feature_cache.clear()
+
+    @property
+    def current_rollout_id(self) -> int:
+        """The rollout id of the stabilisers' schedule: set by the controller, else counted."""
+        return self._predict_passes if self.rollout_id is None else self.rollout_id
 
     def push_target(self, target_TK: torch.Tensor, plain_TK: Optional[torch.Tensor] = None) -> None:
         """Queue the experts for the next replay forward (targets are consumed in order)."""
@@ -283,19 +261,19 @@ class PR2Router(TopKRouter):
         # Which experts: replayed (target), predicted (z + Δ), or live top-k (None).
         recomputing = self._is_recompute_in_backward()
         action = self._megatron_action()
-        plain_TK = delta_TE = None
+        plain_TK = delta_TE = fallback_T = None
         if recomputing:
             target_TK, attach = self._recompute_routes.take_with_payload(num_tokens)
             if action is not None:
                 self.router_replay.backward_fifo_pop()
         elif action == RouterReplayAction.RECORD:
-            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
+            target_TK, delta_TE, _ = self._predicted_route(hidden_TH, logits_TE)
         elif action is not None:
             target_TK = self.router_replay.replay_target(num_tokens)
         elif self.phase == RoutingPhase.REPLAY:
             target_TK, plain_TK = self._pop_target(num_tokens=num_tokens)
         elif self.phase == RoutingPhase.PREDICT:
-            target_TK, delta_TE = self._predicted_route(hidden_TH, logits_TE)
+            target_TK, delta_TE, fallback_T = self._predicted_route(hidden_TH, logits_TE)
         else:
             target_TK = None
 
@@ -311,7 +289,9 @@ class PR2Router(TopKRouter):
         if action is not None:
             attach = self._megatron_bookkeeping(action, chosen_TK, hidden_TH, logits_TE)
         else:
-            attach = self._phase_bookkeeping(chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH)
+            attach = self._phase_bookkeeping(
+                chosen_TK, plain_TK, (delta_TE, fallback_T), logits_SBE, hidden_TH
+            )
         if self._will_be_recomputed():
             self._recompute_routes.file(chosen_TK, attach)
         elif attach is not None:
@@ -320,26 +300,32 @@ class PR2Router(TopKRouter):
             self.on_forward_recorded(self)
         return probs_TE, routing_map_TE
 
-    def _phase_bookkeeping(self, chosen_TK, plain_TK, delta_TE, logits_SBE, hidden_TH):
-        """Records, feature cache and metrics of the PR2 phases; the predictor loss to attach."""
+    def _phase_bookkeeping(self, chosen_TK, plain_TK, prediction, logits_SBE, hidden_TH):
+        """Records, feature cache and metrics of the PR2 phases; the predictor loss to attach.
+
+        ``prediction`` is ``(Δ_TE, fallback_T)`` of the predict phase (else Nones).
+        """
         logits_TE = logits_SBE.reshape(-1, self.num_experts)
-        # Token keys pair cached rollout tokens with training tokens.
-        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor
+        # Token keys pair cached rollout tokens with training tokens (and name them for a probe).
+        probe = self.feature_probe
+        needs_keys = self.phase == RoutingPhase.PREDICT or self.train_predictor or probe is not None
         keys_T = groups_T = None
         if needs_keys:
             keys_T, groups_T = self._token_keys_of_forward(logits_TE.shape[0])
+        if probe is not None and groups_T is not None:  # only tokens the caller named
+            probe(self, keys_T, hidden_TH.detach(), logits_TE.detach())
         if self.phase in (RoutingPhase.RECORD, RoutingPhase.PREDICT):
             self.recorded.append(chosen_TK.detach())
         if self.phase == RoutingPhase.PREDICT:
             live_TK = self._topk_indices(logits_TE.detach())
             self.recorded_plain.append(live_TK)
+            if self.collect_metrics:
+                self.metric_records.append(
+                    self._predict_record(chosen_TK, live_TK, prediction, logits_TE, keys_T)
+                )
             if groups_T is None:
                 groups_T = self._next_groups(logits_SBE.shape[:2])
             self.feature_cache.add(keys_T, groups_T, hidden_TH, logits_TE)
-            if self.collect_metrics:
-                self.metric_records.append(
-                    {"delta_abs": delta_TE.abs().mean(), "logit_abs": logits_TE.abs().mean()}
-                )
         if self.phase == RoutingPhase.REPLAY:
             if self.collect_metrics:
                 live_TK = self._topk_indices(logits_TE.detach())
@@ -347,42 +333,6 @@ class PR2Router(TopKRouter):
             if self.train_predictor:
                 return functools.partial(self._attach_cached_loss, keys_T=keys_T)
         return None
-
-    def _megatron_bookkeeping(self, action, chosen_TK, hidden_TH, logits_TE):
-        """Protocol mode: RECORD records and caches; a replay forward may train the predictor.
-
-        Returns the predictor loss to attach, or None (docs: :mod:`.megatron_replay`).
-        """
-        replay = self.router_replay
-        if action == RouterReplayAction.RECORD:
-            replay.record(self.weight, chosen_TK.detach(), self.feature_cache, hidden_TH, logits_TE)
-            return None
-        grad = torch.is_grad_enabled() or self._will_be_recomputed()
-        if not (self.training and grad):
-            return None
-        if not replay.router_moved(self.weight):
-            replay.pairing_counts["not_moved"] += 1
-            return None
-        forward = replay.matching_forward(chosen_TK)
-        if forward is not None:
-            keys_T = forward * RECORD_KEY_STRIDE + torch.arange(chosen_TK.shape[0])
-            return functools.partial(self._attach_cached_loss, keys_T=keys_T, pairing="exact")
-        return self._attach_snapshot_loss
-
-    def _megatron_action(self) -> Optional[RouterReplayAction]:
-        """The protocol action this forward follows (None: the PR2 phase rules)."""
-        replay = self.router_replay
-        if not isinstance(replay, PR2RouterReplay) or replay.router_replay_action is None:
-            return None
-        replay.check_registered()
-        if self.phase != RoutingPhase.OFF:
-            raise RouteError(
-                f"MoE layer {self.route_layer_number}: Megatron's RouterReplay action "
-                f"{replay.router_replay_action.name} and the PR2 phase {self.phase.value!r} are "
-                "both set; drive the router through one of them (controller.off() or "
-                "RouterReplay.clear_global_router_replay_action())"
-            )
-        return replay.router_replay_action
 
     # ------------------------------------------------------------------------------ helpers
     def _route(self, logits_SBE, target_TK, padding_mask=None):
@@ -398,12 +348,6 @@ class PR2Router(TopKRouter):
         chosen_TK = self._selector.chosen_TK
         self._selector.target_TK = self._selector.chosen_TK = None
         return probs_TE, routing_map_TE, chosen_TK
-
-    def _predicted_route(self, hidden_TH, logits_TE):
-        """``(TopK(score_fn(z + Δ)), Δ)`` without grad: the PR2 prediction."""
-        with torch.no_grad():
-            delta_TE = self.predictor(hidden_TH)
-            return self._topk_indices(logits_TE + delta_TE), delta_TE
 
     def _route_record(self, replayed_TK, live_TK, plain_TK) -> dict[str, Optional[torch.Tensor]]:
         """A replay forward's routes for metrics, in the route table's smallest dtype.
@@ -495,94 +439,6 @@ class PR2Router(TopKRouter):
         groups_SB = (torch.arange(batch) + self._group_counter).expand(seq_len, batch)
         self._group_counter += batch
         return groups_SB.reshape(-1)
-
-    def _attach_cached_loss(self, probs_TE, hidden_TH, logits_TE, *, keys_T, pairing=None):
-        """The predictor loss on the cached tokens named ``keys_T``, attached to ``probs_TE``."""
-        if pairing is not None:
-            self.router_replay.pairing_counts[pairing] += 1
-        return self._attach_predictor_loss(probs_TE, keys_T, logits_TE)
-
-    def _attach_snapshot_loss(self, probs_TE, hidden_TH, logits_TE):
-        """Protocol mode, no exact pairing: the forward's own h against ``z_old = W_old h``."""
-        replay = self.router_replay
-        replay.pairing_counts["snapshot"] += 1
-        loss = replay.snapshot_loss(self.pr2_config.loss, self.predictor, hidden_TH, logits_TE)
-        return self._finish_predictor_loss(probs_TE, loss)
-
-    def _attach_predictor_loss(self, probs_TE, keys_T, logits_TE) -> torch.Tensor:
-        """Add the predictor loss to this forward's backward (Megatron's aux-loss pattern)."""
-        token_idx, cache_idx = self.feature_cache.lookup(keys_T)
-        if token_idx.numel() == 0:
-            # No cached token here: a zero loss keeps W_p in the graph so that data-parallel
-            # gradient reductions see the same parameters on every rank.
-            loss = self.predictor.weight.sum() * 0.0
-        else:
-            cached = self.feature_cache.features()
-            device = logits_TE.device
-            hidden_CH = cached.hidden_CH[cache_idx].to(device)
-            delta_CE = self.predictor(hidden_CH)
-            loss = predictor_loss(
-                self.pr2_config.loss,
-                logits_TE[token_idx.to(device)],
-                cached.logits_CE[cache_idx].to(device),
-                delta_CE,
-            )
-        return self._finish_predictor_loss(probs_TE, loss)
-
-    def _finish_predictor_loss(self, probs_TE, loss) -> torch.Tensor:
-        """Log ``loss`` and attach it to ``probs_TE``'s backward (SP-scaled)."""
-        self.predictor_losses.append(float(loss.detach()))
-        if self.config.sequence_parallel:
-            # Each TP rank holds 1/TP of the tokens and Megatron sums sequence-parallel
-            # gradients over TP: scale so the sum is the mean over the whole sequence.
-            loss = loss / self.tp_group.size()
-        return MoEAuxLossAutoScaler.apply(probs_TE, loss)
-
-
-def _unregister(stock) -> None:
-    """Drop the stock ``RouterReplay`` ``TopKRouter.__init__`` registered (protocol mode)."""
-    from megatron.core.transformer.moe.router_replay import RouterReplay
-
-    instances = RouterReplay.global_router_replay_instances
-    for index, entry in enumerate(instances):
-        if entry is stock:
-            del instances[index]
-            return
-
-
-def _check_config_supports_replay(config, megatron_router_replay: bool = False) -> None:
-    """Reject Megatron settings under which replayed routes would be silently changed."""
-    if config.moe_enable_routing_replay and not megatron_router_replay:
-        raise ValueError(
-            "PR2Router records and replays routes itself; set moe_enable_routing_replay=False, "
-            "or PR2RouterConfig(megatron_router_replay=True) for a stack that drives Megatron's "
-            "RouterReplay protocol (verl, NeMo-RL, Megatron's inference engine)"
-        )
-    if megatron_router_replay and not config.moe_enable_routing_replay:
-        raise ValueError(
-            "PR2RouterConfig(megatron_router_replay=True) needs Megatron's "
-            "moe_enable_routing_replay=True (the switch the stacks and Megatron's inference "
-            "engine look at)"
-        )
-    if config.moe_router_load_balancing_type == "sinkhorn":
-        raise ValueError("moe_router_load_balancing_type='sinkhorn' bypasses route replay")
-    if config.moe_router_load_balancing_type == "quantile_balancing":
-        # Newer cores (0.19.2): picks experts itself (precomputed_indices), ignoring replay.
-        raise ValueError(
-            "moe_router_load_balancing_type='quantile_balancing' bypasses route replay"
-        )
-    if config.moe_router_fusion:
-        raise ValueError("moe_router_fusion=True (TE fused router) bypasses route replay")
-    if config.moe_expert_capacity_factor is not None:
-        raise ValueError(
-            f"moe_expert_capacity_factor={config.moe_expert_capacity_factor}: capacity dropping "
-            "runs after replay and would drop replayed experts; use dropless MoE with PR2"
-        )
-    if config.moe_router_force_load_balancing:
-        raise ValueError("moe_router_force_load_balancing replaces logits with random ones")
-    # Config field of newer cores (0.19.2) only; PR2Router.forward does not apply it.
-    if getattr(config, "moe_router_force_biased", None) is not None:
-        raise ValueError("moe_router_force_biased (benchmark logit bias) is not supported by PR2")
 
 
 def pr2_router_builder(pr2_config: Optional[PR2RouterConfig] = None):
