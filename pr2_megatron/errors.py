@@ -1,4 +1,7 @@
-"""The one exception type of bad routes, so that one ``except RouteError`` catches them all."""
+"""The library's exception types: bad routes and bad settings.
+
+One ``except RouteError`` catches every bad route.
+"""
 
 from __future__ import annotations
 
@@ -12,3 +15,7 @@ class RouteError(ValueError):
     whose route cannot be paired with its forward. A ``ValueError``, since a bad route is bad
     input.
     """
+
+
+class ConfigError(ValueError):
+    """A config file, override or setting that cannot be used (names the file, key and value)."""

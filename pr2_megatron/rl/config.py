@@ -28,15 +28,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from pr2_megatron.errors import ConfigError
 from pr2_megatron.models.builder import MoEModelConfig
 from pr2_megatron.rl.diagnostics import DiagnosticsConfig
 from pr2_megatron.routing.probmoe.router import ProbMoEConfig
 from pr2_megatron.routing.router import PR2RouterConfig
 from pr2_megatron.runtime.parallel import ParallelConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be loaded (names the file, key and value)."""
 
 
 @dataclass

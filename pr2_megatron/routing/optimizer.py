@@ -156,7 +156,7 @@ def predictor_config_overrides(
 
 def _check_alpha_one_group(override: dict, policy_wd: float) -> None:
     """At α = 1: the predictor group must be a policy group or have an identifier of its own."""
-    from pr2_megatron.rl.config import ConfigError
+    from pr2_megatron.errors import ConfigError
 
     if not override or override == {"wd_mult": 0.0}:
         return  # the policy's group, or the no-decay group's hyperparameters exactly
