@@ -4,7 +4,8 @@ A loop of one's own (Megatron-LM, NeMo, Megatron-Bridge) wraps the model in Mega
 ``DistributedDataParallel`` and builds ``get_megatron_optimizer`` with
 :func:`pr2_megatron.routing.predictor_config_overrides` and an ``OptimizerParamScheduler``.
 Through a warmup + cosine schedule every step must then apply: the predictors at ``lr × α``
-without weight decay, every other parameter at the base lr with Megatron's standard decay rule
+with the policy's weight decay (``router.pr2.predictor_weight_decay`` unset), every other
+parameter at the base lr with Megatron's standard decay rule
 (no decay on biases and 1-D parameters). Checked on the group hyperparameters and, exactly, on
 the update each parameter receives: Adam with β1 = β2 = 0 makes every step's update exact,
 ``Δp = -lr · wd · p - lr · g / (|g| + ε)`` (torch's AdamW: decoupled decay).
@@ -82,12 +83,13 @@ def _build(distributed: bool, beta: float):
 
 
 def _decays(name: str, param) -> bool:
-    """Megatron's standard rule (get_standard_config_overrides) plus the predictors."""
-    return param.ndim > 1 and not name.endswith(".bias") and not getattr(param, "pr2_predictor", 0)
+    """Megatron's standard rule (get_standard_config_overrides); the predictors follow it too
+    (``router.pr2.predictor_weight_decay`` None: the policy's weight decay)."""
+    return param.ndim > 1 and not name.endswith(".bias")
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["fp32-optimizer", "distributed"])
-def test_predictor_group_lr_times_alpha_and_no_decay_through_the_schedule(
+def test_predictor_group_lr_times_alpha_and_the_policy_decay_through_the_schedule(
     megatron_single, distributed
 ):
     from megatron.core.distributed import finalize_model_grads
@@ -137,4 +139,4 @@ def test_predictor_group_hyperparameters_of_adam_per_scheduler_step(megatron_sin
             assert group["weight_decay"] == (WD if decays.pop() else 0.0)
             kinds.add((is_predictor, group["weight_decay"]))
         scheduler.step(1)
-    assert kinds == {(True, 0.0), (False, 0.0), (False, WD)}
+    assert kinds == {(True, WD), (False, 0.0), (False, WD)}  # predictors: the policy's decay

@@ -130,6 +130,19 @@ class _InertStream:
     """Stands in for the dispatcher's class-level device-to-host CUDA stream."""
 
 
+class _HostStream:
+    """``torch.cuda.current_stream()`` on CPU, as Megatron uses it: nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        """No CUDA events exist on CPU."""
+
+    def wait_stream(self, stream) -> None:
+        """Host work is already ordered."""
+
+    def synchronize(self) -> None:
+        """Nothing is in flight."""
+
+
 def enable_cpu_bringup() -> None:
     """Apply the CPU workarounds once per process. Refuses to run when CUDA is available."""
     global _ENABLED
@@ -144,6 +157,9 @@ def enable_cpu_bringup() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     torch.cuda.current_device = lambda: "cpu"
+    # megatron-core 0.19's DDP asks for the current stream to wait on CUDA-graph gradient
+    # events before each gradient sync; without CUDA there are no such events to wait for.
+    torch.cuda.current_stream = lambda device=None: _HostStream()
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
