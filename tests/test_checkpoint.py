@@ -200,6 +200,8 @@ def test_kill_9_of_a_rank_mid_save_leaves_the_previous_checkpoint_loadable(tmp_p
 def test_a_corrupt_file_is_a_checkpoint_error_naming_the_file(tmp_path, target, how):
     path = save_checkpoint(tmp_path, 1, _state(1))
     file = _distcp(path)[0] if target == "shard" else path / target
+    if target == "common.pt" and not file.exists():
+        pytest.skip("this megatron-core (0.19) writes no common.pt for a state of sharded items")
     raw = bytearray(file.read_bytes())
     if how == "truncate":
         raw = raw[: len(raw) // 2]
@@ -294,7 +296,7 @@ def test_resaving_a_step_and_a_missing_directory(tmp_path):
     _assert_loaded(_load(step_dir(tmp_path, 3)), 4)
     # Megatron's files, the manifest and the marker; nothing else is left behind.
     names = {p.name for p in step_dir(tmp_path, 3).iterdir()}
-    assert {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"} <= names
+    assert {COMPLETE, MANIFEST, "metadata.json", ".metadata"} <= names  # common.pt: <= 0.16
     assert all(
         n.endswith(".distcp")
         for n in names - {COMPLETE, MANIFEST, "common.pt", "metadata.json", ".metadata"}
