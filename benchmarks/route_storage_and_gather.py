@@ -21,16 +21,23 @@ Prints the tables and writes JSON (``--out``; default ``outputs/bench_route_comm
    rank's; medians over repeats, and the median of the per-repeat ratios.
 3. Scaling of the gather with the number of MoE layers at a fixed token count.
 
+The table is a fresh tensor (the caller keeps it for the whole step); on this machine the first
+write to a fresh multi-MiB CPU allocation page-faults, about 1 ms per MiB when loaded.
+``--thp`` lets the ranks' PyTorch put large allocations on transparent huge pages
+(``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own switch; the kernel's THP mode must be ``madvise`` or
+``always``), which removes most of that cost, for the collective's buffers too.
+
 With 4 ranks on a 2-core machine the ranks share cores: the ratios still compare the two
 schedules on the same machine, the absolute times are pessimistic.
 
-Run: ``python benchmarks/route_storage_and_gather.py [--quick]``.
+Run: ``python benchmarks/route_storage_and_gather.py [--quick] [--thp]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -276,7 +283,14 @@ def main() -> None:
     parser.add_argument("--pad-ratio", type=float, default=4.0, help="max / mean length")
     parser.add_argument("--rollout-tokens", type=int, default=2**20, help="for the MiB table")
     parser.add_argument("--out", help="JSON path (default: outputs/bench_route_comm.json)")
+    parser.add_argument(
+        "--thp",
+        action="store_true",
+        help="ranks allocate large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1)",
+    )
     args = parser.parse_args()
+    if args.thp:  # read by each spawned rank's torch at its first allocation
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     args.out = args.out or default_out("bench_route_comm", args.quick)
     tokens = args.tokens or ([4096, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536])
     layers = args.layers or ([48, 16] if args.quick else [48, 16, 58])
@@ -295,6 +309,7 @@ def main() -> None:
         args.out,
         {
             "pad_ratio": args.pad_ratio,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             "rollout_tokens": args.rollout_tokens,
             "storage_bytes_per_token_layer": storage,
             "gather_ms": gather,

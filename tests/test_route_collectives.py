@@ -268,3 +268,74 @@ def test_tables_never_share_the_reused_gather_workspace(single_process_group):
     for b in range(3):
         rows = first.rows_for([100 + b])
         assert torch.equal(first.routes_TLK[rows].long(), routes_SB[: 4 - b % 2, b])
+
+
+def _gather_against_packed_reference(num_experts, topk, num_layers, id_stride, padded):
+    """In each rank: two forwards of interleaved (or consecutive) sample ids, right-padded or
+    not, routes and plain routes; the table against ``RouteTable.from_samples`` of every rank's
+    real tokens (brute force, no wire layout)."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = [(3, 5), (2, 7)]  # (B, S) of each forward, the same on every rank
+    routes, plains, ids, lengths = [], [], [], []
+    reference = {}
+    next_id = 0
+    for forward, (batch, seq) in enumerate(shapes):
+        forward_ids, forward_lengths = [], []
+        for r in range(world):
+            for b in range(batch):
+                sid = next_id + (b * world + r if id_stride == "interleaved" else r * batch + b)
+                length = (seq - (sid % 3)) if padded else seq
+                if r == rank:
+                    forward_ids.append(sid)
+                    forward_lengths.append(length)
+                seed = 1000 * forward + 10 * r
+                all_SBLK = _routes(seq * batch, num_layers, topk, num_experts, seed)
+                all_SBLK = all_SBLK.view(seq, batch, num_layers, topk)
+                plain_SBLK = _routes(seq * batch, num_layers, topk, num_experts, seed + 1)
+                plain_SBLK = plain_SBLK.view(seq, batch, num_layers, topk)
+                reference[sid] = (all_SBLK[:length, b], plain_SBLK[:length, b])
+                if r == rank and b == batch - 1:
+                    routes.append(all_SBLK.reshape(seq * batch, num_layers, topk))
+                    plains.append(plain_SBLK.reshape(seq * batch, num_layers, topk))
+        next_id += world * batch
+        ids.append(forward_ids)
+        lengths.append(forward_lengths)
+    table = gather_route_table(
+        routes, ids, layer_numbers=list(range(1, num_layers + 1)), num_experts=num_experts,
+        topk=topk, plain_routes_per_forward=plains, lengths_per_forward=lengths,
+    )  # fmt: skip
+    order = sorted(reference)
+    expected = RouteTable.from_samples(
+        [reference[s][0] for s in order], sample_ids=order,
+        layer_numbers=list(range(1, num_layers + 1)), num_experts=num_experts, topk=topk,
+        plain_per_sample=[reference[s][1] for s in order],
+    )  # fmt: skip
+    same = [
+        torch.equal(table.routes_TLK, expected.routes_TLK),
+        torch.equal(table.plain_routes_TLK, expected.plain_routes_TLK),
+        torch.equal(table.cu_seqlens, expected.cu_seqlens),
+        torch.equal(table.sample_ids, expected.sample_ids),
+        table.routes_TLK.dtype == route_dtype(num_experts),
+    ]
+    return same
+
+
+@pytest.mark.parametrize(
+    "num_experts, topk, num_layers, id_stride, padded",
+    [
+        (8, 2, 3, "interleaved", True),  # uint8, rows padded to 8 bytes, one run per sample
+        (8, 2, 4, "consecutive", False),  # uint8, 8-byte rows, runs merge to one per rank
+        (300, 3, 2, "interleaved", False),  # int16 routes
+        (300, 4, 1, "consecutive", True),
+    ],
+)
+@pytest.mark.parametrize("world", [1, 2])
+def test_table_equals_the_packed_samples_of_every_rank(
+    num_experts, topk, num_layers, id_stride, padded, world
+):
+    results = run_distributed(
+        _gather_against_packed_reference, world, num_experts, topk, num_layers, id_stride, padded
+    )
+    for rank, same in enumerate(results):
+        assert all(same), f"rank {rank}: routes, plain, cu_seqlens, ids, dtype equal = {same}"

@@ -60,7 +60,10 @@ class FirstProblem:
         if self.found or routes_SBLK.numel() == 0 or not bool(real_SB.any()):
             return
         where = (real_SB, sample_ids, positions_S, layers, forward)
-        low, high = int(routes_SBLK.amin()), int(routes_SBLK.amax())
+        if routes_SBLK.dtype.is_signed:
+            low, high = (int(v) for v in torch.aminmax(routes_SBLK))
+        else:  # uint8: no id below 0, one pass for the maximum
+            low, high = 0, int(routes_SBLK.amax())
         if low < 0 or high >= bound:
             outside_SBLK = (routes_SBLK < 0) | (routes_SBLK >= bound)
             self._find(routes_SBLK, outside_SBLK, where, _OUT_OF_RANGE)

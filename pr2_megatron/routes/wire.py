@@ -70,11 +70,12 @@ class _ForwardBuffers:
     """One forward's bytes on the wire, gathered over the data-parallel ranks in one collective.
 
     A rank's buffer is rows of ``W = L·K·itemsize`` bytes: the parts (replayed, plain-replay)
-    as ``[P, S, B]`` token rows in the table's dtype, then the int64 sample ids and lengths and
-    the rank's route-check status in the last rows. Uniform rows make the received buffer one
-    ``[R · rows, W]`` matrix, from which the table's rows are taken with a single
-    ``index_select`` per part (:func:`_assemble`). The send buffer (a ``[rows, W]`` view of the
-    gather's workspace) is written once (narrowing to the table's dtype).
+    as ``[P, B, S]`` token rows in the table's dtype (sample-major: each sample's tokens are
+    consecutive rows), then the int64 sample ids and lengths and the rank's route-check status
+    in the last rows. Uniform rows make the received buffer one ``[R · rows, W]`` matrix in
+    which every sample's real tokens are one run of rows, so the table is a concatenation of
+    runs (:func:`_assemble`). The send buffer (a ``[rows, W]`` view of the gather's workspace)
+    is written once (narrowing to the table's dtype, ``[S, B]`` to ``[B, S]``).
     """
 
     def __init__(self, batch, seq, parts, layers, topk, dtype, send_RW: torch.Tensor):
@@ -124,10 +125,10 @@ class _ForwardBuffers:
         """Fill the send buffer: the routes in the table's dtype, then ids, lengths, status."""
         if self.layers:
             routes = self.send[: self.token_rows, : self.route_width].view(self.dtype)
-            routes = routes.unflatten(0, (self.parts, self.seq, self.batch))
+            routes = routes.unflatten(0, (self.parts, self.batch, self.seq))
             routes = routes.unflatten(-1, (self.layers, self.topk))
-            for part, source in zip(routes, parts_PSBLK):
-                part.copy_(source)
+            for part_BSLK, source_SBLK in zip(routes, parts_PSBLK):
+                part_BSLK.copy_(source_SBLK.transpose(0, 1))
         words = self._words(self.send)
         words[: 2 * self.batch].view(self.batch, 2).copy_(torch.stack([ids_B, lengths_B], dim=1))
         words[2 * self.batch :].copy_(status)
@@ -149,7 +150,11 @@ class _ForwardBuffers:
 def _assemble(buffers, stacked_XW, layer_numbers, num_experts, topk, has_plain, dtype):
     """The forwards' real tokens, in ascending sample-id order, as a :class:`RouteTable`.
 
-    ``stacked_XW`` holds every forward's received buffer, one after the other.
+    ``stacked_XW`` holds every forward's received buffer, one after the other. A sample's real
+    tokens are one run of consecutive rows there (per part); the table of a part is the
+    concatenation of its samples' runs in sample-id order, adjacent runs merged (ranks holding
+    consecutive ids of unpadded samples give one run each): one copy of the table's bytes and
+    no per-token index arithmetic.
     """
     metas = [b.meta() for b in buffers]
     ids_N = torch.cat([ids.reshape(-1) for ids, _ in metas])
@@ -160,34 +165,19 @@ def _assemble(buffers, stacked_XW, layer_numbers, num_experts, topk, has_plain, 
         raise RouteError(
             f"sample id {int(sorted_ids_N[int(repeated[0])])} was recorded twice in the rollout"
         )
-    device = ids_N.device
-    # Row of token (position 0, part 0) of every sample in the stacked received buffers.
-    first_row_N = torch.cat([_first_rows(b, offset) for b, offset in _offsets(buffers)])
-    stride_N = torch.cat(  # rows between a sample's consecutive positions
-        [torch.full((b.received.shape[0] * b.batch,), b.batch, device=device) for b in buffers]
-    )
-    part_rows_N = torch.cat(  # rows between the parts of a sample's token
-        [
-            torch.full((b.received.shape[0] * b.batch,), b.seq * b.batch, device=device)
-            for b in buffers
-        ]
-    )
     sorted_lengths_N = lengths_N[order_N]
-    sample_T = torch.repeat_interleave(order_N, sorted_lengths_N)
-    starts_N = sorted_lengths_N.cumsum(0) - sorted_lengths_N
-    position_T = torch.arange(sample_T.numel(), device=device) - torch.repeat_interleave(
-        starts_N, sorted_lengths_N
-    )
-    rows_T = first_row_N[sample_T] + position_T * stride_N[sample_T]
+    first_rows, part_rows = _sample_rows(buffers)
+    order, lengths = order_N.tolist(), lengths_N.tolist()
     route_width = buffers[0].route_width
-    if route_width == stacked_XW.shape[1]:
-        source_XW = stacked_XW.view(torch.int64)  # row copies in 8-byte words
-    else:
-        source_XW = stacked_XW[:, :route_width]  # rows padded for alignment: copy the bytes
+    source_XW = stacked_XW[:, :route_width]  # the alignment bytes of a row stay behind
     parts = []
     for part in range(2 if has_plain else 1):
-        rows_TW = source_XW.index_select(0, rows_T + part * part_rows_N[sample_T])
-        parts.append(rows_TW.view(torch.uint8).view(dtype).view(-1, len(layer_numbers), topk))
+        runs = _merged_runs(
+            (first_rows[n] + part * part_rows[n], lengths[n]) for n in order if lengths[n]
+        )
+        pieces = [source_XW.narrow(0, start, count) for start, count in runs]
+        rows_TW = torch.cat(pieces) if pieces else source_XW[:0].clone()
+        parts.append(rows_TW.view(dtype).view(-1, len(layer_numbers), topk))
     table = RouteTable(
         routes_TLK=parts[0],
         cu_seqlens=torch.cat([lengths_N.new_zeros(1), sorted_lengths_N.cumsum(0)]),
@@ -201,17 +191,28 @@ def _assemble(buffers, stacked_XW, layer_numbers, num_experts, topk, has_plain, 
     return table
 
 
-def _offsets(buffers):
-    """Each forward's buffers with the row offset of its received block in the stack."""
+def _sample_rows(buffers) -> tuple[list[int], list[int]]:
+    """Per sample (forward, rank, column order): its first row and the rows between its parts.
+
+    The first row is that of its token 0 in part 0, in the stacked received buffers.
+    """
+    first_rows, part_rows = [], []
     offset = 0
     for buffer in buffers:
-        yield buffer, offset
+        for rank in range(buffer.received.shape[0]):
+            base = offset + rank * buffer.rows
+            first_rows.extend(base + column * buffer.seq for column in range(buffer.batch))
+        part_rows.extend([buffer.batch * buffer.seq] * (buffer.received.shape[0] * buffer.batch))
         offset += buffer.received.shape[0] * buffer.rows
+    return first_rows, part_rows
 
 
-def _first_rows(buffer: _ForwardBuffers, offset: int) -> torch.Tensor:
-    """``[R · B]`` row of (position 0, part 0) of each sample (rank-major, then column)."""
-    ranks, device = buffer.received.shape[0], buffer.received.device
-    rank_N = torch.arange(ranks, device=device).repeat_interleave(buffer.batch)
-    column_N = torch.arange(buffer.batch, device=device).repeat(ranks)
-    return offset + rank_N * buffer.rows + column_N
+def _merged_runs(runs) -> list[tuple[int, int]]:
+    """``(start, count)`` runs of rows, each that begins where the previous ends merged into it."""
+    merged: list[list[int]] = []
+    for start, count in runs:
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1][1] += count
+        else:
+            merged.append([start, count])
+    return [(start, count) for start, count in merged]
