@@ -83,3 +83,61 @@ def test_dump_round_trips(tmp_path):
 def test_replay_mode_needs_a_replaying_router():
     with pytest.raises(ConfigError, match="router.kind='topk'"):
         load_config(None, ["router.kind=topk", "replay.mode=r2"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["warm_start.task=foo"],
+            "warm_start.task='foo' is not a digit task; expected one of reverse, sort, copy, add",
+        ),
+        (["warm_start.task=3"], r"warm_start.task = 3 is not a valid Optional\[str\]"),
+        (["warm_start.min_digits=0"], r"warm_start.min_digits must be >= 1 \(or null\), got 0"),
+        (["warm_start.max_digits=-1"], r"warm_start.max_digits must be >= 1 \(or null\), got -1"),
+        (
+            ["warm_start.min_digits=5", "warm_start.max_digits=3"],
+            "warm_start.min_digits=5 and warm_start.max_digits=3 must satisfy min_digits <= ",
+        ),
+        # Against the RL task's bound where the warm start's own is unset (task: 2-4 digits).
+        (
+            ["warm_start.min_digits=5"],
+            "warm_start.min_digits=5 and task.max_digits=4 must satisfy min_digits <= max_digits",
+        ),
+        (
+            ["warm_start.max_digits=1"],
+            "task.min_digits=2 and warm_start.max_digits=1 must satisfy min_digits <= max_digits",
+        ),
+    ],
+)
+def test_bad_warm_start_task_keys_name_the_key_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "key, value, shown", [("task", "copy", "'copy'"), ("min_digits", 1, 1), ("max_digits", 6, 6)]
+)
+def test_warm_start_task_keys_are_rejected_with_a_dataset(key, value, shown):
+    dataset = ["task.dataset=x.jsonl", "tokenizer.path=tok"]
+    load_config(None, dataset)  # the dataset alone is a valid config
+    with pytest.raises(
+        ConfigError,
+        match=rf"warm_start.{key}={shown} applies to the digit tasks only, but "
+        rf"task.dataset='x.jsonl' is set .*: unset warm_start.{key}",
+    ):
+        load_config(None, [*dataset, f"warm_start.{key}={value}"])
+
+
+def test_warm_start_task_keys_fall_back_to_the_rl_task():
+    tiny = ROOT / "configs" / "tiny.yaml"
+    cfg = load_config(tiny)
+    warm = cfg.warm_start
+    assert [warm.task, warm.min_digits, warm.max_digits] == [None, None, None]
+    assert warm.digit_task(cfg.task) == ("reverse", 2, 4)
+    cfg = load_config(tiny, ["warm_start.max_digits=6"])
+    assert cfg.warm_start.digit_task(cfg.task) == ("reverse", 2, 6)
+    overrides = ["warm_start.task=add", "warm_start.min_digits=1", "warm_start.max_digits=1"]
+    cfg = load_config(tiny, overrides)
+    assert cfg.warm_start.digit_task(cfg.task) == ("add", 1, 1)
+    assert (cfg.task.name, cfg.task.min_digits, cfg.task.max_digits) == ("reverse", 2, 4)

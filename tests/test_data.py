@@ -15,6 +15,7 @@ from pr2_megatron.rl.data import (
     DatasetTask,
     TextTokenizer,
     build_task,
+    build_warm_start_task,
     final_number,
     get_reward,
     load_records,
@@ -229,6 +230,89 @@ def test_dataset_errors_name_the_record_or_tokenizer(tmp_path):
     no_number = _write_jsonl(tmp_path / "nonum.jsonl", [{"question": "Why?", "answer": "none"}])
     with pytest.raises(DataError, match=r"nonum.jsonl:1: the reference answer 'none' has no num"):
         build_task(_config(tmp_path, f"task.dataset={no_number}"))
+
+
+# ------------------------------------------------------------------------ warm-start task
+def _tiny(*overrides):
+    from pr2_megatron.rl.config import load_config
+
+    return load_config("configs/tiny.yaml", list(overrides))  # task: reverse, 2-4 digits
+
+
+def test_warm_start_task_is_the_rl_task_by_default(tmp_path):
+    from pr2_megatron.rl.tasks import Task
+
+    cfg = _tiny()
+    task = build_task(cfg)
+    assert build_warm_start_task(cfg, task) is task  # the same problems for any generator
+    drawn = build_warm_start_task(cfg, task).sample(64, torch.Generator().manual_seed(11))
+    assert drawn == Task("reverse", 2, 4).sample(64, torch.Generator().manual_seed(11))
+    assert all(p.answer == p.prompt[1:-1][::-1] for p in drawn)
+    # Keys naming the RL task's own digit task: the RL task itself as well.
+    same = _tiny("warm_start.task=reverse", "warm_start.min_digits=2", "warm_start.max_digits=4")
+    task = build_task(same)
+    assert build_warm_start_task(same, task) is task
+    # A dataset: its own task (the config rejects the warm-start task keys there).
+    dataset = _config(tmp_path)
+    task = build_task(dataset)
+    assert isinstance(task, DatasetTask) and build_warm_start_task(dataset, task) is task
+
+
+def test_warm_start_on_copy_while_rl_reverses():
+    from pr2_megatron.rl.tasks import EOS, Task
+
+    cfg = _tiny("warm_start.task=copy")
+    task = build_task(cfg)
+    warm = build_warm_start_task(cfg, task)
+    assert isinstance(warm, Task) and warm is not task and task.name == "reverse"
+    assert (warm.name, warm.min_digits, warm.max_digits) == ("copy", 2, 4)
+    copies = warm.sample(32, torch.Generator().manual_seed(5))
+    reversals = task.sample(32, torch.Generator().manual_seed(5))
+    assert [p.prompt for p in copies] == [p.prompt for p in reversals]  # the same digit strings
+    assert [p.answer for p in copies] == [p.prompt[1:-1] for p in copies]
+    assert [p.answer for p in reversals] == [p.prompt[1:-1][::-1] for p in reversals]
+    assert sum(c.answer != r.answer for c, r in zip(copies, reversals)) > 16  # few palindromes
+    ids, labels, mask = warm.supervised_batch(copies, 11)
+    for row, problem in enumerate(copies):
+        assert ids[row, : len(problem.prompt)].tolist() == list(problem.prompt)
+        assert labels[row][mask[row] == 1].tolist() == [*problem.prompt[1:-1], EOS]
+
+
+def test_sequence_length_holds_a_longer_warm_start_task():
+    from pr2_megatron.rl.config import ConfigError
+    from pr2_megatron.rl.tasks import BOS, EOS, EQUALS, PLUS, Problem, decode, encode_digits
+    from pr2_megatron.rl.train import sequence_length
+
+    rl_only = _tiny()
+    task = build_task(rl_only)
+    assert sequence_length(rl_only, task, task) == 11  # ^dddd= and 6 new tokens, the last unfed
+    keys = ["warm_start.task=add", "warm_start.min_digits=5", "warm_start.max_digits=6"]
+    cfg = _tiny(*keys)
+    warm = build_warm_start_task(cfg, task)
+    # ^dddddd+dddddd= (15), a 7-digit sum and eos, the last one unfed.
+    assert sequence_length(cfg, task, warm) == 22
+    assert sequence_length(_tiny(*keys, "warm_start.steps=0"), task, warm) == 11  # no warm start
+    with pytest.raises(
+        ConfigError,
+        match=r"model.max_sequence_length=21 is shorter than the task's and the warm-start "
+        r"task's sequences \(22 tokens\)",
+    ):
+        sequence_length(_tiny(*keys, "model.max_sequence_length=21"), task, warm)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=14 is smaller than the task's and"):
+        sequence_length(_tiny(*keys, "model.vocab_size=14"), task, warm)
+    # The longest sum fits 22 positions whole, and 21 raise rather than cut it.
+    nines = encode_digits("999999")
+    longest = Problem((BOS, *nines, PLUS, *nines, EQUALS), tuple(encode_digits("1999998")))
+    ids, labels, mask = warm.supervised_batch([longest], 22)
+    assert labels[0][mask[0] == 1].tolist() == [*encode_digits("1999998"), EOS]
+    assert PLUS in ids[0].tolist() and int(ids.max()) < warm.vocab_size
+    with pytest.raises(ValueError, match="of 23 tokens does not fit seq_len=21"):
+        warm.supervised_batch([longest], 21)
+    # Every drawn problem: two 5-6 digit operands and their sum.
+    for problem in warm.sample(64, torch.Generator().manual_seed(2)):
+        a, b = decode(problem.prompt[1:-1]).split("+")
+        assert 5 <= len(a) <= 6 and 5 <= len(b) <= 6
+        assert decode(problem.answer) == str(int(a) + int(b))
 
 
 def _train_on_dataset(overrides):

@@ -273,3 +273,60 @@ def test_predictor_betas_and_weight_decay_reach_megatrons_optimizer(tmp_path):
         _optimizer_groups, 1, [*base, "router.pr2.predictor_betas=[0.8,0.95]"]
     )
     assert error[0] == "ConfigError" and "router.pr2.predictor_betas" in error[1]
+
+
+def _warm_start_batches(overrides):
+    """Run the trainer; what its warm start trained on, and the reference draws of each step."""
+    from pr2_megatron.rl.config import load_config
+    from pr2_megatron.rl.tasks import Task
+    from pr2_megatron.rl.train import Trainer
+    from pr2_megatron.runtime.parallel import destroy_parallel
+
+    trainer = Trainer(load_config("configs/tiny.yaml", overrides))
+    batches = []
+    build = trainer.warm_task.supervised_batch
+
+    def recording(problems, seq_len):
+        batches.append((problems, *build(problems, seq_len)))
+        return batches[-1][1:]
+
+    trainer.warm_task.supervised_batch = recording
+    code = trainer.run()
+    warm = trainer.cfg.warm_start
+    reference = [
+        Task("add", 5, 6).sample(warm.batch_size, trainer.seeded(1, i)) for i in range(warm.steps)
+    ]
+    destroy_parallel()
+    return code, trainer.step, trainer.seq_len, trainer.task.name, batches, reference
+
+
+def test_warm_start_trains_on_its_own_task_then_rl_on_the_task(tmp_path):
+    from pr2_megatron.rl.tasks import EOS, PLUS, decode, encode_digits
+
+    overrides = [
+        *TINY,
+        "warm_start.steps=2",
+        "warm_start.batch_size=8",
+        "warm_start.task=add",  # RL: reverse, 2-4 digits (configs/tiny.yaml)
+        "warm_start.min_digits=5",
+        "warm_start.max_digits=6",
+        "parallel.expert_model_parallel_size=1",  # one rank
+        f"logging.dir={tmp_path}",
+    ]
+    ((code, step, seq_len, rl_task, batches, reference),) = run_distributed(
+        _warm_start_batches, 1, overrides
+    )
+    assert (code, step, rl_task) == (0, 1, "reverse")
+    assert seq_len == 22  # the longest sum: ^dddddd+dddddd= (15), 7 digits, eos; RL needs 11
+    assert [problems for problems, *_ in batches] == reference  # seeded(1, i), as ever
+    for problems, ids, labels, mask in batches:
+        assert ids.shape == (8, 22)
+        for row, problem in enumerate(problems):
+            a, b = decode(problem.prompt[1:-1]).split("+")
+            assert 5 <= len(a) <= 6 and 5 <= len(b) <= 6 and PLUS in ids[row].tolist()
+            assert labels[row][mask[row] == 1].tolist() == [
+                *encode_digits(str(int(a) + int(b))),
+                EOS,
+            ]
+    assert [r["iter"] for r in _records(tmp_path, "warm_start")] == [1, 2]
+    assert [r["step"] for r in _records(tmp_path, "rollout")] == [1]

@@ -228,6 +228,14 @@ class WarmStartConfig:
     #: throughout). With ``model.aux_loss_coeff > 0`` and 0 here the aux loss is on in RL only:
     #: a persistent router drift (the testbed, docs/pr2_effect.md).
     aux_loss_coeff: Optional[float] = None
+    #: Digit task of the warm start: ``reverse``, ``sort``, ``copy`` or ``add`` (None:
+    #: ``task.name``). Another task than RL's shifts the task distribution between warm start
+    #: and RL. Digit tasks only: not with ``task.dataset``.
+    task: Optional[str] = None
+    #: Shortest and longest operand of the warm-start task, in digits (None: ``task.min_digits``
+    #: / ``task.max_digits``). Digit tasks only: not with ``task.dataset``.
+    min_digits: Optional[int] = None
+    max_digits: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -238,6 +246,32 @@ class WarmStartConfig:
             raise ValueError(f"warm_start.lr must be >= 0, got {self.lr}")
         if self.aux_loss_coeff is not None and self.aux_loss_coeff < 0:
             raise ValueError(f"warm_start.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+        self._check_digit_task()
+
+    def _check_digit_task(self) -> None:
+        from pr2_megatron.rl.tasks import DIGIT_TASKS
+
+        if self.task is not None and self.task not in DIGIT_TASKS:
+            raise ValueError(
+                f"warm_start.task={self.task!r} is not a digit task; expected one of "
+                f"{', '.join(DIGIT_TASKS)} (or null: task.name)"
+            )
+        for name in ("min_digits", "max_digits"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"warm_start.{name} must be >= 1 (or null), got {value}")
+        if None not in (self.min_digits, self.max_digits) and self.min_digits > self.max_digits:
+            raise ValueError(
+                f"warm_start.min_digits={self.min_digits} and warm_start.max_digits="
+                f"{self.max_digits} must satisfy min_digits <= max_digits"
+            )
+
+    def digit_task(self, rl_task: TaskConfig) -> tuple[str, int, int]:
+        """The warm start's digit task ``(name, min_digits, max_digits)``; unset: ``rl_task``'s."""
+        name = rl_task.name if self.task is None else self.task
+        low = rl_task.min_digits if self.min_digits is None else self.min_digits
+        high = rl_task.max_digits if self.max_digits is None else self.max_digits
+        return name, low, high
 
 
 @dataclass
@@ -328,6 +362,30 @@ class TrainConfig:
                 f"tokenizer.path={self.tokenizer.path!r} is set but task.dataset is not: the "
                 "digit tasks use their own character tokenizer"
             )
+        _check_warm_start_task(self)
+
+
+def _check_warm_start_task(cfg: TrainConfig) -> None:
+    """``warm_start.task`` / digits: digit tasks only, and a digit range that is not empty."""
+    warm, task = cfg.warm_start, cfg.task
+    if task.dataset is not None:
+        for key in ("task", "min_digits", "max_digits"):
+            value = getattr(warm, key)
+            if value is not None:
+                raise ValueError(
+                    f"warm_start.{key}={value!r} applies to the digit tasks only, but "
+                    f"task.dataset={task.dataset!r} is set (the warm start trains on the "
+                    f"dataset's reference answers): unset warm_start.{key}"
+                )
+        return
+    _, low, high = warm.digit_task(task)
+    if low > high:
+        low_key = "warm_start.min_digits" if warm.min_digits is not None else "task.min_digits"
+        high_key = "warm_start.max_digits" if warm.max_digits is not None else "task.max_digits"
+        raise ValueError(
+            f"the warm start's digits {low_key}={low} and {high_key}={high} must satisfy "
+            "min_digits <= max_digits"
+        )
 
 
 # --------------------------------------------------------------------------------- loading

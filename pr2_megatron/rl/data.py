@@ -8,7 +8,8 @@
 * Rewards are functions ``(response_text, reference_text, finished) -> float`` in a small
   registry (:data:`REWARDS`, :func:`register_reward`): ``exact_match`` and ``final_number``.
 * :class:`DatasetTask` is the trainer's task over such a file (the same interface as the digit
-  :class:`~pr2_megatron.rl.tasks.Task`), and :func:`build_task` picks one from the config.
+  :class:`~pr2_megatron.rl.tasks.Task`), and :func:`build_task` picks one from the config
+  (:func:`build_warm_start_task`: the warm start's, another digit task with ``warm_start.task``).
 
 Every error here is a :class:`DataError` (a ``ValueError``) naming the file, line and value.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "Record",
     "TextTokenizer",
     "build_task",
+    "build_warm_start_task",
     "final_number",
     "get_reward",
     "load_records",
@@ -418,3 +420,22 @@ def build_task(cfg: TrainConfig):
         supervised=cfg.warm_start.steps > 0,
         vocab_size=cfg.model.vocab_size,
     )
+
+
+def build_warm_start_task(cfg: TrainConfig, task):
+    """The task the warm start samples from: ``task`` (the RL task), or another digit task.
+
+    ``task`` is the RL task of :func:`build_task`; ``warm_start.task`` / ``min_digits`` /
+    ``max_digits`` (each None: ``cfg.task``'s) make the digit
+    :class:`~pr2_megatron.rl.tasks.Task` of the warm start. Where they resolve to ``cfg.task``'s
+    digit task (all None: always), and with ``task.dataset`` (where the config rejects them),
+    the result is ``task`` itself: the same problems for the same generator.
+    """
+    from pr2_megatron.rl.tasks import Task
+
+    if cfg.task.dataset is not None:
+        return task
+    name, low, high = cfg.warm_start.digit_task(cfg.task)
+    if (name, low, high) == (cfg.task.name, cfg.task.min_digits, cfg.task.max_digits):
+        return task
+    return Task(name, low, high, reward=cfg.task.reward)

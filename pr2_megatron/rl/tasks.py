@@ -20,6 +20,8 @@ import torch
 PAD, BOS, EOS, EQUALS, PLUS = 0, 1, 2, 3, 4
 DIGIT0 = 5  # '0'..'9' -> 5..14
 VOCAB_USED = DIGIT0 + 10
+#: The digit tasks (``task.name``, ``warm_start.task``); all share this vocabulary.
+DIGIT_TASKS = ("reverse", "sort", "copy", "add")
 _SYMBOLS = {PAD: "_", BOS: "^", EOS: "$", EQUALS: "=", PLUS: "+"}
 
 
@@ -70,7 +72,7 @@ class Task:
     def __init__(
         self, name: str, min_digits: int, max_digits: int, reward: str = "exact_match"
     ) -> None:
-        if name not in ("reverse", "sort", "copy", "add"):
+        if name not in DIGIT_TASKS:
             raise ValueError(f"task.name must be reverse, sort, copy or add; got {name!r}")
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"task digits need 1 <= min <= max, got {min_digits}, {max_digits}")

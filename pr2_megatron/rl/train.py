@@ -45,6 +45,40 @@ from pr2_megatron.rl.config import ConfigError, TrainConfig, dump_yaml, load_con
 STOPPED_BY_SIGNAL = "STOPPED_BY_SIGNAL"
 
 
+def sequence_length(cfg: TrainConfig, task, warm_task) -> int:
+    """Training forward length, a multiple of TP (SP) × 2·CP; ConfigError when it cannot fit.
+
+    The longest sequence of ``task`` (prompt + ``rollout.max_new_tokens``, prompt + answer)
+    and, when the warm start runs, of ``warm_task`` (prompt + answer): a warm start on a longer
+    task than RL's gets whole sequences too. ``model.max_sequence_length`` must hold it and
+    ``model.vocab_size`` both tasks' vocabularies.
+    """
+    parallel = cfg.parallel
+    multiple = 2 * parallel.context_parallel_size if parallel.context_parallel_size > 1 else 1
+    if parallel.sequence_parallel:
+        multiple *= parallel.tensor_model_parallel_size
+    tasks = [task]
+    if cfg.warm_start.steps and warm_task is not task:
+        tasks.append(warm_task)
+    longest = max(
+        task.max_prompt_len + cfg.rollout.max_new_tokens - 1,
+        *(t.max_prompt_len + t.max_answer_len - 1 for t in tasks),
+    )
+    seq_len = -(-longest // multiple) * multiple
+    whose = "the task's" if len(tasks) == 1 else "the task's and the warm-start task's"
+    if cfg.model.max_sequence_length < seq_len:
+        raise ConfigError(
+            f"model.max_sequence_length={cfg.model.max_sequence_length} is shorter than "
+            f"{whose} sequences ({seq_len} tokens)"
+        )
+    vocab = max(t.vocab_size for t in tasks)
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than {whose} {vocab}"
+        )
+    return seq_len
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGUSR1; checked (and agreed on by all ranks) at the end of a step."""
 
@@ -65,7 +99,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from megatron.core import parallel_state
 
-        from pr2_megatron.rl.data import build_task
+        from pr2_megatron.rl.data import build_task, build_warm_start_task
         from pr2_megatron.rl.layout import check_layout
         from pr2_megatron.rl.modes import replay_mode
         from pr2_megatron.rl.resume import TrainerCheckpoint
@@ -85,7 +119,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.rank0 = dist.get_rank() == 0
         self.task = build_task(cfg)  # digit task, or task.dataset with its tokenizer
-        self.seq_len = self._sequence_length()
+        self.warm_task = build_warm_start_task(cfg, self.task)  # warm_start.task, or self.task
+        self.seq_len = sequence_length(cfg, self.task, self.warm_task)
         self.vocab = cfg.model.vocab_size
         self.per_rank = cfg.rollout.prompts_per_step // self.dp_size * cfg.rollout.group_size
         self.moe_layer_numbers = cfg.model.moe_layer_numbers()
@@ -111,31 +146,6 @@ class Trainer:
         return self.chunks[0]
 
     # ------------------------------------------------------------------------- setup pieces
-    def _sequence_length(self) -> int:
-        """Training forward length: the task's longest sequence, a multiple of TP (SP) × 2·CP."""
-        cfg = self.cfg
-        multiple = (
-            2 * cfg.parallel.context_parallel_size if cfg.parallel.context_parallel_size > 1 else 1
-        )
-        if cfg.parallel.sequence_parallel:
-            multiple *= cfg.parallel.tensor_model_parallel_size
-        longest = max(
-            self.task.max_prompt_len + cfg.rollout.max_new_tokens - 1,
-            self.task.max_prompt_len + self.task.max_answer_len - 1,
-        )
-        seq_len = -(-longest // multiple) * multiple
-        if cfg.model.max_sequence_length < seq_len:
-            raise ConfigError(
-                f"model.max_sequence_length={cfg.model.max_sequence_length} is shorter than the "
-                f"task's sequences ({seq_len} tokens)"
-            )
-        if cfg.model.vocab_size < self.task.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's "
-                f"{self.task.vocab_size}"
-            )
-        return seq_len
-
     def _build_model(self) -> None:
         """Model chunks (one per VPP stage), their DDP wrappers, controller, path, optimizer."""
         from megatron.core.transformer.moe.router import Router
@@ -272,9 +282,9 @@ class Trainer:
                 if self.rank0:
                     print(f"pr2-train: signal during warm start (iteration {i})", flush=True)
                 return
-            problems = self.share_of(self.task.sample(warm.batch_size, self.seeded(1, i)))
+            problems = self.share_of(self.warm_task.sample(warm.batch_size, self.seeded(1, i)))
             ids, labels, mask = (
-                t.to(self.device) for t in self.task.supervised_batch(problems, self.seq_len)
+                t.to(self.device) for t in self.warm_task.supervised_batch(problems, self.seq_len)
             )
             pieces = split_rows(range(len(problems)), micro_size(self.cfg, len(problems)))
             micro = [SupervisedMicroBatch(ids[r], labels[r], mask[r]) for r in pieces]
