@@ -24,6 +24,7 @@ from support.hf_models import (  # noqa: E402
     BATCH,
     CONFIGS,
     SEQ,
+    YARN,
     build_hf,
     deepseek_v3_config,
     hf_logits,
@@ -162,17 +163,11 @@ def test_transformers4_config_json_spelling():
     FP8 quantization_config) maps like transformers 5's rope_parameters."""
     five = deepseek_v3_config(yarn=True).to_dict()
     four = {k: v for k, v in five.items() if k != "rope_parameters"}
+    # transformers 4: rope_theta at the top level, the scaling's kind under "type".
+    scaling = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
     four.update(
-        rope_theta=10000.0,
-        rope_scaling=dict(
-            type="yarn",
-            factor=4.0,
-            original_max_position_embeddings=16,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-            beta_fast=32,
-            beta_slow=1,
-        ),
+        rope_theta=YARN["rope_theta"],
+        rope_scaling={"type": YARN["rope_type"], **scaling},
         scoring_func="sigmoid",
         topk_method="noaux_tc",
         moe_layer_freq=1,

@@ -7,6 +7,8 @@ layers (router, dispatcher, experts) fed the packed stream: every real token is 
 its recorded experts.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ from pr2_megatron.routes import (
     token_keys,
 )
 from pr2_megatron.routes.packed import packed_targets
-from pr2_megatron.routes.targets import padding_routes_of
+from pr2_megatron.routes.targets import micro_batch_targets, padding_routes_of
 
 E, K, LAYERS = 8, 2, (1, 3)
 
@@ -97,6 +99,24 @@ def test_packed_targets_match_brute_force_for_every_rank(cp_size, tp_size):
     assert sorted(covered) == sorted(
         (i, p) for i, padded in enumerate(batch.padded_lengths) for p in range(padded)
     )
+
+
+def test_packed_targets_pick_layers_and_plain_routes():
+    table = _table(LENGTHS)
+    batch = PackedMicroBatch([2, 0, 3, 1], [3, 5, 12, 9], alignment=4)
+    full = packed_targets(table, batch)
+    assert torch.equal(packed_targets(table, batch, layer_numbers=[3]), full[:, 1:])
+    assert packed_targets(table, batch, layer_numbers=[]).shape == (full.shape[0], 0, K)
+    flipped = table.routes_TLK.flip(-1)
+    with_plain = dataclasses.replace(table, plain_routes_TLK=flipped)
+    assert torch.equal(
+        packed_targets(with_plain, batch, plain=True),
+        packed_targets(dataclasses.replace(table, routes_TLK=flipped), batch),
+    )
+    with pytest.raises(RouteError, match="no plain-replay"):
+        packed_targets(table, batch, plain=True)
+    with pytest.raises(RouteError, match="no plain-replay"):
+        micro_batch_targets(table, [0], LENGTHS[0], plain=True)
 
 
 def test_thd_partition_is_per_sequence():

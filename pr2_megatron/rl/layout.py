@@ -21,15 +21,7 @@ from typing import Optional
 
 from pr2_megatron.rl.config import ConfigError, TrainConfig
 
-__all__ = ["check_layout", "data_parallel_size", "micro_size"]
-
-
-def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    """DP size of ``cfg`` on ``world_size`` ranks (ConfigError naming the sizes)."""
-    try:
-        return cfg.parallel.check_world_size(world_size)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+__all__ = ["check_layout", "micro_size"]
 
 
 def micro_size(cfg: TrainConfig, rows: int) -> int:

@@ -125,11 +125,3 @@ class Optimizer:
     def reload_model_params(self) -> None:
         """Copy the model's current weights into the fp32 main parameters (bf16 / dist-opt)."""
         self.optimizer.reload_model_params()
-
-    def group_learning_rates(self) -> list[tuple[float, float, bool]]:
-        """``(lr, weight_decay, is_predictor_group)`` of every param group (for tests)."""
-        out = []
-        for group in self.optimizer.param_groups:
-            predictor = any(getattr(p, "pr2_predictor", False) for p in group["params"])
-            out.append((group["lr"], group["weight_decay"], predictor))
-        return out

@@ -25,7 +25,6 @@ from pr2_megatron.errors import RouteError
 __all__ = [
     "MiniStepRouting",
     "RouterDrift",
-    "dp_mean",
     "logprob_metrics",
     "predict_metrics",
     "predictor_metrics",
@@ -50,15 +49,6 @@ def _reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
-
-
-def dp_mean(value: float, device: torch.device) -> float:
-    """Mean of a per-rank number over the data-parallel group."""
-    from megatron.core import parallel_state as ps
-
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, group=ps.get_data_parallel_group())
-    return float(tensor) / ps.get_data_parallel_world_size()
 
 
 class MiniStepRouting:

@@ -29,8 +29,6 @@ import torch.distributed as dist
 from pr2_megatron.rl.batches import RolloutBatch, mini_batch_rows, split_rows
 from pr2_megatron.rl.layout import micro_size
 from pr2_megatron.rl.schedule import (
-    SequenceSlicer,
-    from_last_stage,
     logprob_loss,
     ppo_loss_fn,
     run_schedule,
@@ -283,13 +281,3 @@ def _queue_routes(trainer, micro, rollout_: Rollout, old: OldLogprobs, train_pre
 def token_rows(path, mask_BS: torch.Tensor) -> torch.Tensor:
     """Indices of response tokens among the forward's rows (``[S, B]`` order, CP part, SP chunk)."""
     return torch.nonzero(path.local_rows(mask_BS.T).reshape(-1) > 0).squeeze(-1)
-
-
-def gather_full_rows(store: list, key: str, slicer: SequenceSlicer) -> torch.Tensor:
-    """``[N, S]`` of the last stage's per-forward ``[B, S_c]`` outputs, CP parts joined."""
-    return torch.cat([slicer.full(out[key]) for out in store])
-
-
-def share_from_last_stage(rows: Optional[torch.Tensor], shape, device) -> torch.Tensor:
-    """Every pipeline stage gets the last stage's float rows."""
-    return from_last_stage(rows, shape, torch.float32, device)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from pr2_megatron.errors import RouteError
 from pr2_megatron.routes.table import RouteTable, route_dtype
-from pr2_megatron.routes.targets import padding_routes_of
+from pr2_megatron.routes.targets import _replay_source, padding_routes_of
 
 __all__ = [
     "PackedMicroBatch",
@@ -217,15 +217,8 @@ def packed_targets(
     layer number, as :func:`~pr2_megatron.routes.targets.micro_batch_targets`.
     """
     table.check_tokens(batch.sample_ids, batch.lengths)
-    source = table.plain_routes_TLK if plain else table.routes_TLK
-    if source is None:
-        raise RouteError("the route table holds no plain-replay (live top-k at rollout) routes")
+    source = _replay_source(table, layer_numbers, plain)
     device = source.device
-    if layer_numbers is not None:
-        columns = torch.as_tensor(
-            [table.layer_index(int(n)) for n in layer_numbers], dtype=torch.long, device=device
-        )
-        source = source.index_select(1, columns)
     sample_T, position_T = packed_local_rows(
         batch, tp_rank=tp_rank, tp_size=tp_size, cp_rank=cp_rank, cp_size=cp_size
     )

@@ -10,7 +10,8 @@ layer numbers of the MoE layers covered, E and k. Files: :mod:`pr2_megatron.rout
 
 Every check is vectorized over tokens; a detailed message (sample id, token position within the
 sample, global layer number, bad value) is built only once a check has failed. Every error is a
-:class:`~pr2_megatron.errors.RouteError`.
+:class:`~pr2_megatron.errors.RouteError`. The checks: :mod:`pr2_megatron.routes.table_checks`;
+the storage dtype and the per-sample input checks: :mod:`pr2_megatron.routes.values`.
 
 Legend for shape-suffixed names:
     T  tokens (all samples packed, sample i owns rows ``cu_seqlens[i]:cu_seqlens[i+1]``)
@@ -25,48 +26,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from pr2_megatron.errors import RouteError
+from pr2_megatron.routes.table_checks import check_layout, check_values
 from pr2_megatron.routes.values import (
     IntArray,
     SampleIds,
     _as_id_list,
-    _check_layers_and_topk,
-    _describe,
-    _first_duplicate,
-    _first_out_of_range,
     _first_repeat,
     _pack,
+    route_dtype,
 )
 
 __all__ = ["RouteTable", "route_dtype"]
-
-# Largest expert count per storage dtype: ids 0..E-1 must fit without wrapping.
-_MAX_EXPERTS_UINT8 = 256
-_MAX_EXPERTS_INT16 = 32768  # ids 0..32767
-_MAX_EXPERTS_INT32 = 2**31 - 1
-
-
-def route_dtype(num_experts: int) -> torch.dtype:
-    """Return the smallest integer dtype that holds expert ids ``0..num_experts-1``.
-
-    uint8 for E <= 256, int16 for E <= 32768 (ids up to 32767), int32 beyond (up to 2**31 - 1).
-    """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
-        raise RouteError(f"num_experts must be an int, got {num_experts!r}")
-    if num_experts < 1:
-        raise RouteError(f"num_experts must be >= 1, got {num_experts}")
-    if num_experts <= _MAX_EXPERTS_UINT8:
-        return torch.uint8
-    if num_experts <= _MAX_EXPERTS_INT16:
-        return torch.int16
-    if num_experts <= _MAX_EXPERTS_INT32:
-        return torch.int32
-    raise RouteError(f"num_experts={num_experts} does not fit int32 expert ids")
 
 
 @dataclass(eq=False, repr=False)
@@ -217,108 +191,13 @@ class RouteTable:
         the k ids of every (token, layer) row distinct. The same for ``plain_routes_TLK``.
         """
         self._validate_layout()
-        self._validate_values(self.routes_TLK, "routes_TLK")
+        check_values(self, self.routes_TLK, "routes_TLK")
         if self.plain_routes_TLK is not None:
-            self._validate_values(self.plain_routes_TLK, "plain_routes_TLK")
+            check_values(self, self.plain_routes_TLK, "plain_routes_TLK")
 
     def _validate_layout(self) -> None:
         """Metadata, dtypes, shapes, ``cu_seqlens`` and ``sample_ids`` (no per-token work)."""
-        dtype = route_dtype(self.num_experts)
-        _check_layers_and_topk(self.layer_numbers, self.num_experts, self.topk)
-
-        for name in ("routes_TLK", "plain_routes_TLK"):
-            routes = getattr(self, name)
-            if routes is None and name == "plain_routes_TLK":
-                continue
-            if not isinstance(routes, torch.Tensor):
-                raise RouteError(f"{name} must be a torch.Tensor, got {type(routes).__name__}")
-            if routes.dtype != dtype:
-                raise RouteError(
-                    f"{name} has dtype {routes.dtype}, expected {dtype} for "
-                    f"num_experts={self.num_experts}"
-                )
-            if routes.ndim != 3 or tuple(routes.shape[1:]) != (len(self.layer_numbers), self.topk):
-                raise RouteError(
-                    f"{name} has shape {tuple(routes.shape)}, expected (T, L, K) = "
-                    f"(T, {len(self.layer_numbers)}, {self.topk}) for MoE layers "
-                    f"{list(self.layer_numbers)} and topk={self.topk}"
-                )
-        if (
-            self.plain_routes_TLK is not None
-            and self.plain_routes_TLK.shape != self.routes_TLK.shape
-        ):
-            raise RouteError(
-                f"plain_routes_TLK has shape {tuple(self.plain_routes_TLK.shape)}, routes_TLK has "
-                f"{tuple(self.routes_TLK.shape)}"
-            )
-
-        cu = self.cu_seqlens
-        num_tokens = self.routes_TLK.shape[0]
-        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int64 or cu.ndim != 1:
-            raise RouteError(f"cu_seqlens must be a 1-D int64 tensor, got {_describe(cu)}")
-        if cu.numel() == 0 or int(cu[0]) != 0:
-            raise RouteError(f"cu_seqlens must start at 0, got {cu[:4].tolist()}...")
-        lengths = cu.diff()
-        if bool((lengths < 0).any()):
-            i = int((lengths < 0).nonzero()[0])
-            sid = self._sample_id_at(i)
-            raise RouteError(
-                f"cu_seqlens must be non-decreasing: sample id {sid} (index {i}) spans "
-                f"{int(cu[i])}..{int(cu[i + 1])}"
-            )
-        if int(cu[-1]) != num_tokens:
-            raise RouteError(
-                f"cu_seqlens ends at {int(cu[-1])} but routes_TLK has T={num_tokens} tokens"
-            )
-
-        sids = self.sample_ids
-        if not isinstance(sids, torch.Tensor) or sids.dtype != torch.int64 or sids.ndim != 1:
-            raise RouteError(f"sample_ids must be a 1-D int64 tensor, got {_describe(sids)}")
-        if sids.numel() != cu.numel() - 1:
-            raise RouteError(
-                f"{sids.numel()} sample_ids for N={cu.numel() - 1} samples in cu_seqlens"
-            )
-        if sids.numel() > 1:
-            sorted_ids = sids.sort().values
-            rep = sorted_ids[1:] == sorted_ids[:-1]
-            if bool(rep.any()):
-                dup = int(sorted_ids[1:][rep][0])
-                raise RouteError(f"sample id {dup} occurs more than once in sample_ids")
-
-    def _validate_values(self, routes_TLK: torch.Tensor, name: str) -> None:
-        """Expert id range and distinct ids per row, vectorized; message built only on failure."""
-        bad = _first_out_of_range(routes_TLK, self.num_experts)
-        if bad is not None:
-            t, layer, value = bad
-            raise RouteError(
-                f"{name}: {self._where(t, layer)}: expert id {value} out of range "
-                f"[0, {self.num_experts})"
-            )
-        dup = _first_duplicate(routes_TLK)
-        if dup is not None:
-            t, layer, value = dup
-            row = routes_TLK[t, layer].tolist()
-            raise RouteError(
-                f"{name}: {self._where(t, layer)}: duplicate expert id {value} in top-{self.topk} "
-                f"row {row} (duplicates break alltoall split sizes)"
-            )
-
-    def _where(self, t: int, layer: int) -> str:
-        """Describe packed row t, layer column l as sample id / token position / layer number."""
-        t_1 = torch.tensor([t], device=self.cu_seqlens.device)
-        i = int(torch.searchsorted(self.cu_seqlens, t_1, right=True)[0]) - 1
-        pos = t - int(self.cu_seqlens[i])
-        return (
-            f"sample id {self._sample_id_at(i)}, token {pos} (row {t}), "
-            f"MoE layer {self.layer_numbers[layer]}"
-        )
-
-    def _sample_id_at(self, i: int) -> Any:
-        """Sample id of the i-th sample, or a placeholder when sample_ids is unusable."""
-        try:
-            return int(self.sample_ids[i])
-        except (IndexError, TypeError, RuntimeError, ValueError):
-            return f"<index {i}>"
+        check_layout(self)
 
     # ----------------------------------------------------------------------------------------
     # Shape and lookup

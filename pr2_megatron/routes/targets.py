@@ -99,6 +99,26 @@ def _padding_numbers(positions_S: torch.Tensor, lengths_B: torch.Tensor) -> torc
     return before_row_S.unsqueeze(1) + within_row_SB
 
 
+def _replay_source(
+    table: RouteTable, layer_numbers: Optional[Sequence[int]], plain: bool
+) -> torch.Tensor:
+    """The table's routes ``[T, L, K]`` to replay, columns ``layer_numbers`` (default: all).
+
+    The predicted routes, or the plain-replay routes (live top-k at rollout) with ``plain``.
+    """
+    source = table.plain_routes_TLK if plain else table.routes_TLK
+    if source is None:
+        raise RouteError("the route table holds no plain-replay (live top-k at rollout) routes")
+    if layer_numbers is not None:
+        columns = torch.as_tensor(
+            [table.layer_index(int(n)) for n in layer_numbers],
+            dtype=torch.long,
+            device=source.device,
+        )
+        source = source.index_select(1, columns)
+    return source
+
+
 def micro_batch_targets(
     table: RouteTable,
     sample_ids: Sequence[int],
@@ -140,15 +160,8 @@ def micro_batch_targets(
         sample, length = too_long[0]
         raise RouteError(f"sample id {sample}: length {length} is outside [0, {seq_len}]")
     table.check_tokens(sample_ids, lengths)
-    source = table.plain_routes_TLK if plain else table.routes_TLK
-    if source is None:
-        raise RouteError("the route table holds no plain-replay (live top-k at rollout) routes")
+    source = _replay_source(table, layer_numbers, plain)
     device = source.device
-    if layer_numbers is not None:
-        columns = torch.as_tensor(
-            [table.layer_index(int(n)) for n in layer_numbers], dtype=torch.long, device=device
-        )
-        source = source.index_select(1, columns)
     positions_S = local_positions(
         seq_len,
         tp_rank=tp_rank,

@@ -1,4 +1,4 @@
-"""Expert-id inputs of route tables: conversion, vectorised checks, packing.
+"""Expert-id inputs of route tables: storage dtype, conversion, vectorised checks, packing.
 
 Legend: T tokens, L MoE layers, K top-k. Every check is vectorised over tokens and returns the
 first offending entry (or None); messages are built only once a check has failed.
@@ -16,6 +16,30 @@ from pr2_megatron.errors import RouteError
 
 IntArray = Union[torch.Tensor, np.ndarray]
 SampleIds = Union[Sequence[int], torch.Tensor, np.ndarray]
+
+
+# Largest expert count per storage dtype: ids 0..E-1 must fit without wrapping.
+_MAX_EXPERTS_UINT8 = 256
+_MAX_EXPERTS_INT16 = 32768  # ids 0..32767
+_MAX_EXPERTS_INT32 = 2**31 - 1
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """Return the smallest integer dtype that holds expert ids ``0..num_experts-1``.
+
+    uint8 for E <= 256, int16 for E <= 32768 (ids up to 32767), int32 beyond (up to 2**31 - 1).
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
+        raise RouteError(f"num_experts must be an int, got {num_experts!r}")
+    if num_experts < 1:
+        raise RouteError(f"num_experts must be >= 1, got {num_experts}")
+    if num_experts <= _MAX_EXPERTS_UINT8:
+        return torch.uint8
+    if num_experts <= _MAX_EXPERTS_INT16:
+        return torch.int16
+    if num_experts <= _MAX_EXPERTS_INT32:
+        return torch.int32
+    raise RouteError(f"num_experts={num_experts} does not fit int32 expert ids")
 
 
 def _first_out_of_range(values_TLK: torch.Tensor, num_experts: int) -> tuple[int, int, int] | None:
