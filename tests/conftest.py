@@ -1,4 +1,4 @@
-"""Test setup: one gloo process group of size 1 for in-process tests; GPU marker."""
+"""Test setup: one gloo process group of size 1 for in-process tests; GPU marker; MLA on CPU."""
 
 import os
 
@@ -33,3 +33,11 @@ def megatron_single(single_process_group):
 
     yield
     release_parallel_state()
+
+
+@pytest.fixture
+def mla_on_cpu(monkeypatch):
+    """Build MLA without Transformer Engine for one test (:mod:`support.mla`)."""
+    from support.mla import allow_mla_without_te
+
+    allow_mla_without_te(monkeypatch)

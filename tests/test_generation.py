@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from support.mla import TINY_MLA
 
 from pr2_megatron.models import MoEModelConfig
 from pr2_megatron.rl.sampling import StepNoise, sample_tokens, sample_with_noise
@@ -267,25 +268,11 @@ FEATURES = {
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_cached_sampler_with_real_model_features(megatron_single, monkeypatch, feature):
+@pytest.mark.usefixtures("mla_on_cpu")
+def test_cached_sampler_with_real_model_features(megatron_single, feature):
     # The attention and routing features of the real configs (Qwen3, OLMoE, DeepSeek-V3,
     # Moonlight) decode with the cache and give the full-forward sampler's results.
-    from megatron.core.transformer import multi_latent_attention
-
-    if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
-        # core 0.16.1 builds MLA without TE only with a plain TELinear (test_model_configs.py)
-        monkeypatch.setattr(multi_latent_attention, "TELinear", type("NoTELinear", (), {}))
-    config = dataclasses.replace(
-        MODEL,
-        hidden_size=64,
-        activation="swiglu",
-        kv_lora_rank=32,
-        qk_head_dim=16,
-        qk_pos_emb_head_dim=8,
-        v_head_dim=12,
-        yarn_original_max_position_embeddings=16,
-        **FEATURES[feature],
-    )
+    config = dataclasses.replace(MODEL, **TINY_MLA, **FEATURES[feature])
     from pr2_megatron.testing.moe import mla_build_blocker
 
     if mla_build_blocker(config):

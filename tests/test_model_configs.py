@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.mla import TINY_MLA
 
 from pr2_megatron.models.builder import MoEModelConfig
 from pr2_megatron.models.size import GIB, count_parameters, estimate_training_memory
@@ -93,19 +94,6 @@ def reduced(model: MoEModelConfig) -> MoEModelConfig:
             yarn_original_max_position_embeddings=16,
         )
     return dataclasses.replace(model, **changes)
-
-
-@pytest.fixture
-def mla_on_cpu(monkeypatch):
-    """Let core 0.16.1 build MLA without Transformer Engine (TELinear is a MagicMock there).
-
-    Test-only: ``MLASelfAttention.__init__`` calls ``isinstance(..., TELinear)``; a plain class
-    stands in for the placeholder (see ``pr2_megatron.models.attention._check_mla_buildable``).
-    """
-    from megatron.core.transformer import multi_latent_attention
-
-    if not isinstance(getattr(multi_latent_attention, "TELinear", None), type):
-        monkeypatch.setattr(multi_latent_attention, "TELinear", type("NoTELinear", (), {}))
 
 
 # ------------------------------------------------------------------------ full-size, no build
@@ -204,16 +192,7 @@ VARIANTS = {
 @pytest.mark.usefixtures("megatron_single", "mla_on_cpu")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_analytic_count_feature_variants(variant):
-    base = MoEModelConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        activation="swiglu",
-        kv_lora_rank=32,
-        qk_head_dim=16,
-        qk_pos_emb_head_dim=8,
-        v_head_dim=12,
-        yarn_original_max_position_embeddings=16,
-    )
+    base = MoEModelConfig(num_attention_heads=4, **TINY_MLA)
     model_cfg = dataclasses.replace(base, **VARIANTS[variant])
     for router in ("pr2", "topk"):
         model = _build(model_cfg, router=router)
