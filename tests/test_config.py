@@ -116,6 +116,20 @@ def test_bad_warm_start_task_keys_name_the_key_and_value(overrides, message):
 
 
 @pytest.mark.parametrize(
+    "key",
+    [
+        "model.aux_loss_coeff",
+        "model.z_loss_coeff",
+        "warm_start.aux_loss_coeff",
+        "warm_start.z_loss_coeff",
+    ],
+)
+def test_negative_router_loss_coefficients_name_the_key(key):
+    with pytest.raises(ConfigError, match=rf"{key} must be >= 0, got -0.5"):
+        load_config(None, [f"{key}=-0.5"])
+
+
+@pytest.mark.parametrize(
     "key, value, shown", [("task", "copy", "'copy'"), ("min_digits", 1, 1), ("max_digits", 6, 6)]
 )
 def test_warm_start_task_keys_are_rejected_with_a_dataset(key, value, shown):

@@ -330,3 +330,62 @@ def test_warm_start_trains_on_its_own_task_then_rl_on_the_task(tmp_path):
             ]
     assert [r["iter"] for r in _records(tmp_path, "warm_start")] == [1, 2]
     assert [r["step"] for r in _records(tmp_path, "rollout")] == [1]
+
+
+def _router_loss_calls(overrides):
+    """Run the trainer; the coefficient of every aux-/z-loss Megatron computed, per phase."""
+    from megatron.core.transformer.moe import router as megatron_router
+
+    from pr2_megatron.rl.config import load_config
+    from pr2_megatron.rl.train import Trainer
+    from pr2_megatron.runtime.parallel import destroy_parallel
+
+    calls, phase = [], ["build"]
+    z_loss, aux_loss = megatron_router.z_loss_func, megatron_router.switch_load_balancing_loss_func
+
+    def z_recording(logits, coeff, **kwargs):
+        calls.append((phase[0], "z", coeff))
+        return z_loss(logits, coeff, **kwargs)
+
+    def aux_recording(*args, **kwargs):
+        calls.append((phase[0], "aux", kwargs["moe_aux_loss_coeff"]))
+        return aux_loss(*args, **kwargs)
+
+    megatron_router.z_loss_func = z_recording
+    megatron_router.switch_load_balancing_loss_func = aux_recording
+    trainer = Trainer(load_config("configs/tiny.yaml", overrides))
+    warm_steps, rl_step = trainer._warm_start_steps, trainer.rl_step
+
+    def in_phase(name, fn):
+        def run(*args):
+            phase[0] = name
+            return fn(*args)
+
+        return run
+
+    trainer._warm_start_steps = in_phase("warm", warm_steps)
+    trainer.rl_step = in_phase("rl", rl_step)
+    code = trainer.run()
+    destroy_parallel()
+    return code, calls
+
+
+def test_router_losses_switch_between_warm_start_and_rl(tmp_path):
+    overrides = [
+        *TINY,
+        "warm_start.steps=2",
+        "warm_start.batch_size=8",
+        "model.aux_loss_coeff=0.0",
+        "warm_start.aux_loss_coeff=0.25",  # aux loss in the warm start only
+        "model.z_loss_coeff=0.5",
+        "warm_start.z_loss_coeff=0.0",  # z-loss in RL only
+        "parallel.expert_model_parallel_size=1",
+        f"logging.dir={tmp_path}",
+    ]
+    ((code, calls),) = run_distributed(_router_loss_calls, 1, overrides)
+    assert code == 0
+    by_phase = {(p, kind): {c for q, k, c in calls if (q, k) == (p, kind)} for p, kind, _ in calls}
+    # Two MoE layers, every training forward: only the warm start's aux loss, only RL's z-loss.
+    assert by_phase == {("warm", "aux"): {0.25}, ("rl", "z"): {0.5}}
+    warm_aux = [c for c in calls if c[:2] == ("warm", "aux")]
+    assert len(warm_aux) % 2 == 0 and len(warm_aux) >= 2 * 2  # 2 layers × ≥ 2 iterations

@@ -57,6 +57,7 @@ def transformer_config(model: MoEModelConfig, parallel: ParallelConfig):
         moe_router_topk_scaling_factor=model.topk_scaling_factor,
         moe_router_load_balancing_type=model.aux_loss_type,
         moe_aux_loss_coeff=model.aux_loss_coeff,
+        moe_z_loss_coeff=model.z_loss_coeff or None,  # None: Megatron skips the z-loss
         moe_router_dtype="fp32",
         moe_token_dispatcher_type=model.token_dispatcher,
         moe_grouped_gemm=False,

@@ -47,6 +47,9 @@ class MoEModelConfig:
     #: Load-balancing aux loss: type and coefficient (0 disables it).
     aux_loss_type: str = "aux_loss"
     aux_loss_coeff: float = 0.0
+    #: Router z-loss coefficient (ST-MoE: ``coeff · mean(logsumexp(z)²)``, keeps the router's
+    #: logits small; Megatron's ``moe_z_loss_coeff``). 0 disables it.
+    z_loss_coeff: float = 0.0
     #: Token dispatcher: ``alltoall`` or ``allgather`` (``flex`` on GPU with DeepEP).
     token_dispatcher: Literal["alltoall", "allgather", "flex"] = "alltoall"
     #: Vocabulary size and longest sequence.
@@ -102,6 +105,9 @@ class MoEModelConfig:
     def __post_init__(self) -> None:
         if self.topk > self.num_experts:
             raise ValueError(f"model.topk={self.topk} exceeds model.num_experts={self.num_experts}")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if (
             self.head_dim is None
             and not self.multi_latent_attention

@@ -220,6 +220,9 @@ class WarmStartConfig:
     #: throughout). With ``model.aux_loss_coeff > 0`` and 0 here the aux loss is on in RL only:
     #: a persistent router drift (the testbed, docs/pr2_effect.md).
     aux_loss_coeff: Optional[float] = None
+    #: Router z-loss coefficient during the warm start (None: ``model.z_loss_coeff``
+    #: throughout). With ``model.z_loss_coeff > 0`` and 0 here the z-loss is on in RL only.
+    z_loss_coeff: Optional[float] = None
     #: Digit task of the warm start: ``reverse``, ``sort``, ``copy`` or ``add`` (None:
     #: ``task.name``). Another task than RL's shifts the task distribution between warm start
     #: and RL. Digit tasks only: not with ``task.dataset``.
@@ -236,8 +239,10 @@ class WarmStartConfig:
             raise ValueError(f"warm_start.batch_size must be >= 1, got {self.batch_size}")
         if self.lr < 0:
             raise ValueError(f"warm_start.lr must be >= 0, got {self.lr}")
-        if self.aux_loss_coeff is not None and self.aux_loss_coeff < 0:
-            raise ValueError(f"warm_start.aux_loss_coeff must be >= 0, got {self.aux_loss_coeff}")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"warm_start.{name} must be >= 0, got {value}")
         self._check_digit_task()
 
     def _check_digit_task(self) -> None:

@@ -262,13 +262,15 @@ class Trainer:
         optimizer = self._optimizer(warm.lr, warm.steps)
         if self.controller is not None:
             self.controller.off()
-        from pr2_megatron.rl.drivers import set_aux_loss_coeff  # hook(effect)
+        from pr2_megatron.rl.drivers import set_router_loss_coeffs  # hook(effect)
 
-        rl_aux_coeff = set_aux_loss_coeff(self.chunks, warm.aux_loss_coeff)  # hook(effect)
+        rl_coeffs = set_router_loss_coeffs(  # hook(effect)
+            self.chunks, aux_loss_coeff=warm.aux_loss_coeff, z_loss_coeff=warm.z_loss_coeff
+        )
         try:
             self._warm_start_steps(optimizer)
-        finally:  # hook(effect): RL's aux-loss coefficient, also after a signal
-            set_aux_loss_coeff(self.chunks, rl_aux_coeff)
+        finally:  # hook(effect): RL's router-loss coefficients, also after a signal
+            set_router_loss_coeffs(self.chunks, **rl_coeffs)
 
     def _warm_start_steps(self, optimizer) -> None:
         from pr2_megatron.rl.batches import SupervisedMicroBatch, split_rows
