@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from pr2_megatron.rl.tasks import DigitTaskName
 from pr2_megatron.routing.probmoe.router import ProbMoEConfig
 from pr2_megatron.routing.router import PR2RouterConfig
 
@@ -71,7 +72,7 @@ class TaskConfig:
 
     #: ``reverse`` a digit string, ``sort`` its digits, ``copy`` it, or ``add`` two numbers
     #: (character tokenizer; ignored with ``dataset``).
-    name: Literal["reverse", "sort", "copy", "add"] = "reverse"
+    name: DigitTaskName = "reverse"
     #: Shortest and longest operand, in digits.
     min_digits: int = 2
     max_digits: int = 4

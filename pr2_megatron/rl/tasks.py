@@ -13,7 +13,7 @@ end-of-sequence and padding ids from the task (``Task.eos_id`` / ``Task.pad_id``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -21,7 +21,8 @@ PAD, BOS, EOS, EQUALS, PLUS = 0, 1, 2, 3, 4
 DIGIT0 = 5  # '0'..'9' -> 5..14
 VOCAB_USED = DIGIT0 + 10
 #: The digit tasks (``task.name``, ``warm_start.task``); all share this vocabulary.
-DIGIT_TASKS = ("reverse", "sort", "copy", "add")
+DigitTaskName = Literal["reverse", "sort", "copy", "add"]
+DIGIT_TASKS: tuple[str, ...] = get_args(DigitTaskName)
 _SYMBOLS = {PAD: "_", BOS: "^", EOS: "$", EQUALS: "=", PLUS: "+"}
 
 
@@ -73,7 +74,7 @@ class Task:
         self, name: str, min_digits: int, max_digits: int, reward: str = "exact_match"
     ) -> None:
         if name not in DIGIT_TASKS:
-            raise ValueError(f"task.name must be reverse, sort, copy or add; got {name!r}")
+            raise ValueError(f"task.name must be one of {', '.join(DIGIT_TASKS)}; got {name!r}")
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"task digits need 1 <= min <= max, got {min_digits}, {max_digits}")
         self.name, self.min_digits, self.max_digits = name, min_digits, max_digits
