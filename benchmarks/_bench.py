@@ -146,3 +146,15 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def print_table(
+    title: str, headers: list[str], rows: list[list[object]], blank_line: bool = True
+) -> str:
+    """Print ``title`` and the text table of ``rows``; return the table as Markdown.
+
+    ``blank_line``: a blank line before the title (off for the first table of a report). The
+    Markdown has the title in bold above the table, for a report's ``"markdown"`` entry.
+    """
+    print(("\n" if blank_line else "") + f"{title}\n" + table(headers, rows))
+    return f"**{title}**\n\n" + markdown_table(headers, rows)

@@ -36,12 +36,11 @@ import torch
 from _bench import (
     default_out,
     interleaved,
-    markdown_table,
     median,
     paired_ratio,
+    print_table,
     set_threads,
     single_process_megatron,
-    table,
     write_json,
 )
 
@@ -344,8 +343,7 @@ def report(result: dict) -> str:
         for r in result["rows"]
     ]
     title = "Peak bytes held over a metrics-on mini-step (measured)"
-    print(f"{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows, blank_line=False))
     headers = ["model", "MoE layers", "tokens/mb", "micro-batches", "previous records MiB"]
     headers += ["current records MiB", "previous peak MiB", "current peak MiB"]
     rows = [
@@ -363,8 +361,7 @@ def report(result: dict) -> str:
     ]
     if rows:
         title = "PROJECTION from the measured bytes per token-layer, k = 8 (not measured)"
-        print(f"\n{title}\n" + table(headers, rows))
-        md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+        md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 

@@ -42,6 +42,7 @@ from _bench import (
     median,
     min_ratio,
     paired_ratio,
+    print_table,
     set_threads,
     single_process_megatron,
     table,
@@ -355,8 +356,7 @@ def report(result: dict) -> str:
             ]
             for r in result[key]
         ]
-        print(f"\n{title}\n" + table(headers, rows))
-        out.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+        out.append(print_table(title, headers, rows))
     if "predictor_loss" not in result:
         return "\n\n".join(out)
     p = result["predictor_loss"]

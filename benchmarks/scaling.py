@@ -40,11 +40,10 @@ import torch
 from _bench import (
     default_out,
     interleaved,
-    markdown_table,
     median,
+    print_table,
     set_threads,
     single_process_megatron,
-    table,
     write_json,
 )
 
@@ -402,11 +401,6 @@ def gather_axes(path: str = "outputs/bench_route_comm.json") -> list[dict]:
 
 def report(result: dict) -> str:
     md = []
-
-    def show(title, headers, rows):
-        print(f"\n{title}\n" + table(headers, rows))
-        md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
-
     headers = ["T", "H", "E", "stock fwd ms", "predict +ms", "+% of router", "stock fwd+bwd ms"]
     headers += ["replay +ms", "loss step ms", "predict +us/token"]
     print("\n(router level: min over repeats; +ms = min(PR2) - min(stock))")
@@ -430,7 +424,7 @@ def report(result: dict) -> str:
             ]
             for p in result["router"][axis]
         ]
-        show(title, headers, rows)
+        md.append(print_table(title, headers, rows))
     headers = ["T", "MoE fwd ms (min)", "MoE fwd+bwd ms (min)", "predict +% of MoE fwd"]
     headers += ["loss step % of MoE fwd+bwd"]
     by_tokens = {p["T"]: p for p in result["router"]["tokens"]}
@@ -444,24 +438,22 @@ def report(result: dict) -> str:
         ]
         for m in result["moe_layer"]
     ]
-    show("MoE layer (stock) vs tokens, and PR2's overhead in proportion", headers, rows)
+    title = "MoE layer (stock) vs tokens, and PR2's overhead in proportion"
+    md.append(print_table(title, headers, rows))
     headers = ["MoE layers", "stock fwd ms", "predict / stock", "stock train ms"]
     headers += ["replay / stock"]
     rows = [
         [r["layers"], r["stock_fwd_ms"], r["predict_ratio"], r["stock_train_ms"], r["replay_ratio"]]
         for r in result["layers"]
     ]
-    show("Whole small GPT-MoE vs number of layers", headers, rows)
+    md.append(print_table("Whole small GPT-MoE vs number of layers", headers, rows))
     for axis, rows_ in result["bytes"].items():
         headers = list(rows_[0])
-        show(f"Bytes vs {axis}", headers, [list(r.values()) for r in rows_])
+        md.append(print_table(f"Bytes vs {axis}", headers, [list(r.values()) for r in rows_]))
     if result["gather"]:
         headers = ["ranks", "axis", "tokens/rank", "layers", "batched ms", "per-layer ms"]
-        show(
-            "Route gather (from route_storage_and_gather.py)",
-            headers,
-            [list(r.values()) for r in result["gather"]],
-        )
+        rows = [list(r.values()) for r in result["gather"]]
+        md.append(print_table("Route gather (from route_storage_and_gather.py)", headers, rows))
     headers = ["model", "H", "E", "k", "F", "MoE fwd ms", "predict +ms", "predict %"]
     headers += ["MoE fwd+bwd ms", "loss step ms", "loss %", "predictor GEMM FLOP %"]
     rows = [
@@ -481,11 +473,8 @@ def report(result: dict) -> str:
         ]
         for r in result["projection"]
     ]
-    show(
-        "PROJECTION (fitted per-element CPU costs, 4096 tokens/micro-batch, not measured)",
-        headers,
-        rows,
-    )
+    title = "PROJECTION (fitted per-element CPU costs, 4096 tokens/micro-batch, not measured)"
+    md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 
