@@ -120,6 +120,16 @@ def write_json(path: str, payload: dict) -> None:
     print(f"\nwrote {path}")
 
 
+def write_result(path: str, result: dict, report: Callable[[dict], str]) -> None:
+    """Print the tables of ``result`` and write it, with them, as JSON to ``path``.
+
+    ``report(result)`` prints the tables and returns them as Markdown, which is stored in
+    ``result["markdown"]`` before ``result`` goes to :func:`write_json`.
+    """
+    result["markdown"] = report(result)
+    write_json(path, result)
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain-text table, right-aligned numbers, floats with 3 significant decimals."""
 

@@ -41,7 +41,7 @@ from _bench import (
     print_table,
     set_threads,
     single_process_megatron,
-    write_json,
+    write_result,
 )
 
 FULL = dict(layers=4, experts=128, topk=8, hidden=64, seq=512, batch=2, micro_batches=4)
@@ -374,9 +374,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or default_out("bench_metric_records", args.quick)
     set_threads(args.threads)
-    result = run(args)
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, run(args), report)
 
 
 if __name__ == "__main__":

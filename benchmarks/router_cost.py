@@ -46,7 +46,7 @@ from _bench import (
     set_threads,
     single_process_megatron,
     table,
-    write_json,
+    write_result,
 )
 
 FULL = dict(hidden=1024, experts=64, topk=8, ffn=512, seq=1024, batch=4, repeats=7)
@@ -429,9 +429,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or default_out("bench_router_cost", args.quick)
     set_threads(args.threads)
-    result = run(args)
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, run(args), report)
 
 
 if __name__ == "__main__":

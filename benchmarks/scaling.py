@@ -44,7 +44,7 @@ from _bench import (
     print_table,
     set_threads,
     single_process_megatron,
-    write_json,
+    write_result,
 )
 
 from pr2_megatron.routes.table import route_dtype
@@ -523,8 +523,7 @@ def main() -> None:
         "projection": proj,
         "fit": coefficients,
     }
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, result, report)
 
 
 if __name__ == "__main__":
