@@ -90,6 +90,39 @@ def single_process_megatron(seed: int = 1234) -> None:
     initialize_parallel(ParallelConfig(), seed=seed)
 
 
+def moe_transformer_config(hidden: int, experts: int, topk: int, ffn: int = 512, layers: int = 1):
+    """Megatron's ``TransformerConfig`` of a GPT-MoE of these sizes (TP=EP=PP=1).
+
+    8 attention heads, dense and expert FFN both ``ffn`` wide, alltoall token dispatcher.
+    """
+    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
+    from pr2_megatron.runtime.parallel import ParallelConfig
+
+    model = MoEModelConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=8,
+        ffn_hidden_size=ffn,
+        num_experts=experts,
+        topk=topk,
+        expert_ffn_hidden_size=ffn,
+        token_dispatcher="alltoall",
+    )
+    return transformer_config(model, ParallelConfig())
+
+
+def router_fwd_bwd(router, x: torch.Tensor) -> None:
+    """One training step of a router alone: its probs on ``x``, summed and backpropagated.
+
+    The gradients of the router and of ``x`` are dropped first. A PR2 router's phase (and
+    replay target) is the caller's to set before.
+    """
+    router.zero_grad(set_to_none=True)
+    x.grad = None
+    probs, _ = router(x)
+    probs.sum().backward()
+
+
 def environment() -> dict[str, object]:
     """What the numbers were measured on."""
     return {

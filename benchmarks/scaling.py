@@ -41,7 +41,9 @@ from _bench import (
     default_out,
     interleaved,
     median,
+    moe_transformer_config,
     print_table,
+    router_fwd_bwd,
     set_threads,
     single_process_megatron,
     write_result,
@@ -57,22 +59,6 @@ REAL = {
 }
 
 
-def _config(hidden: int, experts: int, topk: int, ffn: int = 512, layers: int = 1):
-    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
-    from pr2_megatron.runtime.parallel import ParallelConfig
-
-    model = MoEModelConfig(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=8,
-        ffn_hidden_size=ffn,
-        num_experts=experts,
-        topk=topk,
-        expert_ffn_hidden_size=ffn,
-    )
-    return transformer_config(model, ParallelConfig())
-
-
 def router_pair(hidden: int, experts: int, topk: int):
     """A stock ``TopKRouter`` and a ``PR2Router`` (T_c large) with the same gate weights."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -80,7 +66,7 @@ def router_pair(hidden: int, experts: int, topk: int):
 
     from pr2_megatron.routing.router import PR2Router, PR2RouterConfig
 
-    config = _config(hidden, experts, topk)
+    config = moe_transformer_config(hidden, experts, topk)
     pg = get_default_pg_collection()
     stock = TopKRouter(config=config, pg_collection=pg)
     pr2 = PR2Router(config, pg, PR2RouterConfig(feature_cache_tokens=1 << 30))
@@ -123,10 +109,7 @@ def router_overheads(tokens: int, hidden: int, experts: int, topk: int, repeats:
             if replay:
                 router.set_phase(RoutingPhase.REPLAY, train_predictor=train_predictor)
                 router.push_target(target)
-            router.zero_grad(set_to_none=True)
-            x_grad.grad = None
-            probs, _ = router(x_grad)
-            probs.sum().backward()
+            router_fwd_bwd(router, x_grad)
 
         return run
 
