@@ -179,6 +179,13 @@ def router_cost(tokens: int, repeats: int, seed: int) -> list[dict]:
     return rows
 
 
+def router_cost_cells(cost: list[dict]) -> list[list[object]]:
+    """The cost columns of the router-only rows (``probmoe_router_cost.COST_KEYS``)."""
+    from probmoe_router_cost import COST_KEYS
+
+    return [[r[key] for key in COST_KEYS] for r in cost]
+
+
 def _table(headers: list[str], rows: list[list[object]]) -> str:
     def fmt(value: object) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -246,19 +253,7 @@ def main(argv=None) -> None:
     print(
         _table(
             ["E", "k", "tokens", "topk ms", "previous ms", "probmoe ms", "previous x", "x topk"],
-            [
-                [
-                    r["E"],
-                    r["k"],
-                    r["tokens"],
-                    r["topk_ms"],
-                    r["previous_ms"],
-                    r["probmoe_ms"],
-                    r["previous_x_topk"],
-                    r["ratio"],
-                ]
-                for r in cost
-            ],
+            router_cost_cells(cost),
         )
     )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
