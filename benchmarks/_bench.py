@@ -163,15 +163,20 @@ def write_result(path: str, result: dict, report: Callable[[dict], str]) -> None
     write_json(path, result)
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    """A plain-text table, right-aligned numbers, floats with 3 significant decimals."""
+def format_cell(value: object) -> str:
+    """A table cell: floats with 3 decimals (1 decimal from 100 up), anything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
 
-    def fmt(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-        return str(value)
 
-    cells = [[fmt(v) for v in row] for row in rows]
+def table(
+    headers: list[str],
+    rows: list[list[object]],
+    cell: Callable[[object], str] = format_cell,
+) -> str:
+    """A plain-text table, right-aligned, each cell formatted by ``cell``."""
+    cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
@@ -179,15 +184,9 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
-    """The same table in Markdown (for docs/performance.md)."""
-
-    def fmt(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-        return str(value)
-
+    """The same table in Markdown (for docs/performance.md), cells by :func:`format_cell`."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
