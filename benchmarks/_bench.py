@@ -90,6 +90,39 @@ def single_process_megatron(seed: int = 1234) -> None:
     initialize_parallel(ParallelConfig(), seed=seed)
 
 
+def moe_transformer_config(hidden: int, experts: int, topk: int, ffn: int = 512, layers: int = 1):
+    """Megatron's ``TransformerConfig`` of a GPT-MoE of these sizes (TP=EP=PP=1).
+
+    8 attention heads, dense and expert FFN both ``ffn`` wide, alltoall token dispatcher.
+    """
+    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
+    from pr2_megatron.runtime.parallel import ParallelConfig
+
+    model = MoEModelConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=8,
+        ffn_hidden_size=ffn,
+        num_experts=experts,
+        topk=topk,
+        expert_ffn_hidden_size=ffn,
+        token_dispatcher="alltoall",
+    )
+    return transformer_config(model, ParallelConfig())
+
+
+def router_fwd_bwd(router, x: torch.Tensor) -> None:
+    """One training step of a router alone: its probs on ``x``, summed and backpropagated.
+
+    The gradients of the router and of ``x`` are dropped first. A PR2 router's phase (and
+    replay target) is the caller's to set before.
+    """
+    router.zero_grad(set_to_none=True)
+    x.grad = None
+    probs, _ = router(x)
+    probs.sum().backward()
+
+
 def environment() -> dict[str, object]:
     """What the numbers were measured on."""
     return {
@@ -120,15 +153,30 @@ def write_json(path: str, payload: dict) -> None:
     print(f"\nwrote {path}")
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    """A plain-text table, right-aligned numbers, floats with 3 significant decimals."""
+def write_result(path: str, result: dict, report: Callable[[dict], str]) -> None:
+    """Print the tables of ``result`` and write it, with them, as JSON to ``path``.
 
-    def fmt(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-        return str(value)
+    ``report(result)`` prints the tables and returns them as Markdown, which is stored in
+    ``result["markdown"]`` before ``result`` goes to :func:`write_json`.
+    """
+    result["markdown"] = report(result)
+    write_json(path, result)
 
-    cells = [[fmt(v) for v in row] for row in rows]
+
+def format_cell(value: object) -> str:
+    """A table cell: floats with 3 decimals (1 decimal from 100 up), anything else as ``str``."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def table(
+    headers: list[str],
+    rows: list[list[object]],
+    cell: Callable[[object], str] = format_cell,
+) -> str:
+    """A plain-text table, right-aligned, each cell formatted by ``cell``."""
+    cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
@@ -136,13 +184,19 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
-    """The same table in Markdown (for docs/performance.md)."""
-
-    def fmt(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-        return str(value)
-
+    """The same table in Markdown (for docs/performance.md), cells by :func:`format_cell`."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def print_table(
+    title: str, headers: list[str], rows: list[list[object]], blank_line: bool = True
+) -> str:
+    """Print ``title`` and the text table of ``rows``; return the table as Markdown.
+
+    ``blank_line``: a blank line before the title (off for the first table of a report). The
+    Markdown has the title in bold above the table, for a report's ``"markdown"`` entry.
+    """
+    print(("\n" if blank_line else "") + f"{title}\n" + table(headers, rows))
+    return f"**{title}**\n\n" + markdown_table(headers, rows)

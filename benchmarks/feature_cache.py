@@ -33,7 +33,7 @@ import os
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron compiles the expert-bias update
 
 import torch
-from _bench import default_out, interleaved, markdown_table, median, set_threads, table, write_json
+from _bench import default_out, interleaved, median, print_table, set_threads, write_json
 
 from pr2_megatron.routing.feature_cache import FeatureCache, _smallest_per_group
 
@@ -382,8 +382,7 @@ def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
         for r in memory
     ]
     title = "Feature cache memory (bf16 h + fp32 z per cached token)"
-    print(f"{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows, blank_line=False))
     headers = ["pass", "forwards", "tokens/fwd", "T_c", "previous ms", "current ms", "x faster"]
     headers += ["x faster (min)", "current us/token"]
     rows = [
@@ -401,8 +400,7 @@ def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
         for r in cost
     ]
     title = "Filling the cache over one rollout pass (add + final features())"
-    print(f"\n{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows))
     headers = ["model", "responses/rank", "T_c", "total cap", "tokens/layer", "MiB/layer"]
     headers += ["GiB/rank"]
     rows = [
@@ -418,8 +416,7 @@ def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
         for r in cap_memory
     ]
     title = "Feature cache memory with a total cap (feature_cache_max_total_tokens)"
-    print(f"\n{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows))
     headers = ["forwards", "tokens/fwd", "T_c", "total cap", "median ms", "min ms"]
     headers += ["x uncapped", "held MiB"]
     rows = [
@@ -436,8 +433,7 @@ def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
         for r in cap_cost
     ]
     title = "Filling the cache over a prefill pass, with a total cap (add + final features())"
-    print(f"\n{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows))
     headers = ["T_c", "total cap", "cached share", "overlap pred", "overlap old (replay)"]
     headers += ["pred - old"]
     rows = [
@@ -452,8 +448,7 @@ def report(memory, cost, cap_memory, cap_cost, accuracy) -> str:
         for r in accuracy
     ]
     title = "Toy drift: late overlap with the future live route"
-    print(f"\n{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 

@@ -36,13 +36,12 @@ import torch
 from _bench import (
     default_out,
     interleaved,
-    markdown_table,
     median,
     paired_ratio,
+    print_table,
     set_threads,
     single_process_megatron,
-    table,
-    write_json,
+    write_result,
 )
 
 FULL = dict(layers=4, experts=128, topk=8, hidden=64, seq=512, batch=2, micro_batches=4)
@@ -344,8 +343,7 @@ def report(result: dict) -> str:
         for r in result["rows"]
     ]
     title = "Peak bytes held over a metrics-on mini-step (measured)"
-    print(f"{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows, blank_line=False))
     headers = ["model", "MoE layers", "tokens/mb", "micro-batches", "previous records MiB"]
     headers += ["current records MiB", "previous peak MiB", "current peak MiB"]
     rows = [
@@ -363,8 +361,7 @@ def report(result: dict) -> str:
     ]
     if rows:
         title = "PROJECTION from the measured bytes per token-layer, k = 8 (not measured)"
-        print(f"\n{title}\n" + table(headers, rows))
-        md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+        md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 
@@ -377,9 +374,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or default_out("bench_metric_records", args.quick)
     set_threads(args.threads)
-    result = run(args)
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, run(args), report)
 
 
 if __name__ == "__main__":

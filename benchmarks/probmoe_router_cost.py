@@ -174,24 +174,24 @@ HEADERS = [
     "probmoe x topk",
     "x faster",
 ]
+#: The cost columns of a :func:`router_rows` row, in the order of :data:`HEADERS` (after the
+#: logits and the DP path); ``probmoe_vs_topk.py`` prints the same columns of its rows.
+COST_KEYS = (
+    "E",
+    "k",
+    "tokens",
+    "topk_ms",
+    "previous_ms",
+    "probmoe_ms",
+    "previous_x_topk",
+    "probmoe_x_topk",
+)
 
 
 def table_rows(rows: list[dict]) -> list[list[object]]:
     """The rows of :data:`HEADERS`."""
     return [
-        [
-            r["logits"],
-            r["path"],
-            r["E"],
-            r["k"],
-            r["tokens"],
-            r["topk_ms"],
-            r["previous_ms"],
-            r["probmoe_ms"],
-            r["previous_x_topk"],
-            r["probmoe_x_topk"],
-            r["previous_over_current"],
-        ]
+        [r["logits"], r["path"], *(r[key] for key in COST_KEYS), r["previous_over_current"]]
         for r in rows
     ]
 

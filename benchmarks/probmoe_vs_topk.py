@@ -27,25 +27,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+from _bench import single_process_megatron, table
 
 VOCAB, SEQ, BATCH = 64, 32, 16
-
-
-def _single_process(seed: int) -> None:
-
-    from pr2_megatron.runtime.parallel import ParallelConfig, initialize_parallel
-    from pr2_megatron.testing.distributed import init_single_process_group
-
-    init_single_process_group()
-    initialize_parallel(ParallelConfig(), seed=seed)
 
 
 def _variants():
@@ -179,15 +166,21 @@ def router_cost(tokens: int, repeats: int, seed: int) -> list[dict]:
     return rows
 
 
-def _table(headers: list[str], rows: list[list[object]]) -> str:
-    def fmt(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+def router_cost_cells(cost: list[dict]) -> list[list[object]]:
+    """The cost columns of the router-only rows (``probmoe_router_cost.COST_KEYS``)."""
+    from probmoe_router_cost import COST_KEYS
 
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return [[r[key] for key in COST_KEYS] for r in cost]
+
+
+def _three_decimals(value: object) -> str:
+    """A cell of this benchmark's tables: every float with 3 decimals, whatever its size."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    """:func:`_bench.table` with :func:`_three_decimals` cells."""
+    return table(headers, rows, cell=_three_decimals)
 
 
 def main(argv=None) -> None:
@@ -201,7 +194,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="outputs/bench_probmoe.json")
     args = parser.parse_args(argv)
 
-    _single_process(args.seed)
+    single_process_megatron(args.seed)
     warm = warm_start(args.steps, args.lr, args.seed, args.threads)
     names = list(warm)
     curve_keys = list(warm[names[0]]["loss_curve"])
@@ -246,19 +239,7 @@ def main(argv=None) -> None:
     print(
         _table(
             ["E", "k", "tokens", "topk ms", "previous ms", "probmoe ms", "previous x", "x topk"],
-            [
-                [
-                    r["E"],
-                    r["k"],
-                    r["tokens"],
-                    r["topk_ms"],
-                    r["previous_ms"],
-                    r["probmoe_ms"],
-                    r["previous_x_topk"],
-                    r["ratio"],
-                ]
-                for r in cost
-            ],
+            router_cost_cells(cost),
         )
     )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -42,7 +42,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from _bench import default_out, markdown_table, median, table, write_json
+from _bench import default_out, median, print_table, write_json
 
 from pr2_megatron.routes.table import RouteTable, route_dtype
 from pr2_megatron.testing.distributed import run_distributed
@@ -219,8 +219,7 @@ def report(storage, gather) -> str:
         for r in storage
     ]
     title = "Bytes per token per MoE layer"
-    print(f"{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows, blank_line=False))
     headers = ["model", "MoE layers", "table MiB", "int64 MiB", "int32 MiB", "padded MiB"]
     headers += ["limit MiB"]
     rows = [
@@ -236,8 +235,7 @@ def report(storage, gather) -> str:
         for r in storage
     ]
     title = "Whole rollout batch, every MoE layer"
-    print(f"\n{title}\n" + table(headers, rows))
-    md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+    md.append(print_table(title, headers, rows))
     headers = ["ranks", "tokens/rank", "layers", "batched ms", "per-layer ms", "x faster"]
     headers += ["gather_route_table ms", "table / collective", "+ distinct check / collective"]
     headers += ["batched MB/s"]
@@ -265,8 +263,7 @@ def report(storage, gather) -> str:
             )
         if axis == "layers":
             rows.sort(key=lambda row: (row[0], row[2]))
-        print(f"\n{title}\n" + table(headers, rows))
-        md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+        md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 

@@ -41,11 +41,14 @@ from _bench import (
     markdown_table,
     median,
     min_ratio,
+    moe_transformer_config,
     paired_ratio,
+    print_table,
+    router_fwd_bwd,
     set_threads,
     single_process_megatron,
     table,
-    write_json,
+    write_result,
 )
 
 FULL = dict(hidden=1024, experts=64, topk=8, ffn=512, seq=1024, batch=4, repeats=7)
@@ -69,22 +72,10 @@ def build_layer(
     from megatron.core.transformer.moe.router_replay import RouterReplay
     from megatron.core.transformer.spec_utils import build_module
 
-    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
     from pr2_megatron.routing.router import PR2RouterConfig, pr2_router_builder
     from pr2_megatron.routing.specs import pr2_decoder_block_spec
-    from pr2_megatron.runtime.parallel import ParallelConfig
 
-    model = MoEModelConfig(
-        num_layers=1,
-        hidden_size=hidden,
-        num_attention_heads=8,
-        ffn_hidden_size=ffn,
-        num_experts=experts,
-        topk=topk,
-        expert_ffn_hidden_size=ffn,
-        token_dispatcher="alltoall",
-    )
-    config = transformer_config(model, ParallelConfig())
+    config = moe_transformer_config(hidden, experts, topk, ffn)
     if kind == "megatron_replay":
         RouterReplay.clear_global_router_replay_instances()
         config.moe_enable_routing_replay = True
@@ -285,10 +276,7 @@ def run(args) -> dict:
         def step():
             router.set_phase(RoutingPhase.REPLAY, train_predictor=train_predictor)
             router.push_target(target)
-            router.zero_grad(set_to_none=True)
-            x_router.grad = None
-            probs, _ = router(x_router)
-            probs.sum().backward()
+            router_fwd_bwd(router, x_router)
 
         return step
 
@@ -355,8 +343,7 @@ def report(result: dict) -> str:
             ]
             for r in result[key]
         ]
-        print(f"\n{title}\n" + table(headers, rows))
-        out.append(f"**{title}**\n\n" + markdown_table(headers, rows))
+        out.append(print_table(title, headers, rows))
     if "predictor_loss" not in result:
         return "\n\n".join(out)
     p = result["predictor_loss"]
@@ -429,9 +416,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or default_out("bench_router_cost", args.quick)
     set_threads(args.threads)
-    result = run(args)
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, run(args), report)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ import torch
 from _bench import (
     default_out,
     interleaved,
-    markdown_table,
     median,
+    moe_transformer_config,
+    print_table,
+    router_fwd_bwd,
     set_threads,
     single_process_megatron,
-    table,
-    write_json,
+    write_result,
 )
 
 from pr2_megatron.routes.table import route_dtype
@@ -58,22 +59,6 @@ REAL = {
 }
 
 
-def _config(hidden: int, experts: int, topk: int, ffn: int = 512, layers: int = 1):
-    from pr2_megatron.models.builder import MoEModelConfig, transformer_config
-    from pr2_megatron.runtime.parallel import ParallelConfig
-
-    model = MoEModelConfig(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=8,
-        ffn_hidden_size=ffn,
-        num_experts=experts,
-        topk=topk,
-        expert_ffn_hidden_size=ffn,
-    )
-    return transformer_config(model, ParallelConfig())
-
-
 def router_pair(hidden: int, experts: int, topk: int):
     """A stock ``TopKRouter`` and a ``PR2Router`` (T_c large) with the same gate weights."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -81,7 +66,7 @@ def router_pair(hidden: int, experts: int, topk: int):
 
     from pr2_megatron.routing.router import PR2Router, PR2RouterConfig
 
-    config = _config(hidden, experts, topk)
+    config = moe_transformer_config(hidden, experts, topk)
     pg = get_default_pg_collection()
     stock = TopKRouter(config=config, pg_collection=pg)
     pr2 = PR2Router(config, pg, PR2RouterConfig(feature_cache_tokens=1 << 30))
@@ -124,10 +109,7 @@ def router_overheads(tokens: int, hidden: int, experts: int, topk: int, repeats:
             if replay:
                 router.set_phase(RoutingPhase.REPLAY, train_predictor=train_predictor)
                 router.push_target(target)
-            router.zero_grad(set_to_none=True)
-            x_grad.grad = None
-            probs, _ = router(x_grad)
-            probs.sum().backward()
+            router_fwd_bwd(router, x_grad)
 
         return run
 
@@ -402,11 +384,6 @@ def gather_axes(path: str = "outputs/bench_route_comm.json") -> list[dict]:
 
 def report(result: dict) -> str:
     md = []
-
-    def show(title, headers, rows):
-        print(f"\n{title}\n" + table(headers, rows))
-        md.append(f"**{title}**\n\n" + markdown_table(headers, rows))
-
     headers = ["T", "H", "E", "stock fwd ms", "predict +ms", "+% of router", "stock fwd+bwd ms"]
     headers += ["replay +ms", "loss step ms", "predict +us/token"]
     print("\n(router level: min over repeats; +ms = min(PR2) - min(stock))")
@@ -430,7 +407,7 @@ def report(result: dict) -> str:
             ]
             for p in result["router"][axis]
         ]
-        show(title, headers, rows)
+        md.append(print_table(title, headers, rows))
     headers = ["T", "MoE fwd ms (min)", "MoE fwd+bwd ms (min)", "predict +% of MoE fwd"]
     headers += ["loss step % of MoE fwd+bwd"]
     by_tokens = {p["T"]: p for p in result["router"]["tokens"]}
@@ -444,24 +421,22 @@ def report(result: dict) -> str:
         ]
         for m in result["moe_layer"]
     ]
-    show("MoE layer (stock) vs tokens, and PR2's overhead in proportion", headers, rows)
+    title = "MoE layer (stock) vs tokens, and PR2's overhead in proportion"
+    md.append(print_table(title, headers, rows))
     headers = ["MoE layers", "stock fwd ms", "predict / stock", "stock train ms"]
     headers += ["replay / stock"]
     rows = [
         [r["layers"], r["stock_fwd_ms"], r["predict_ratio"], r["stock_train_ms"], r["replay_ratio"]]
         for r in result["layers"]
     ]
-    show("Whole small GPT-MoE vs number of layers", headers, rows)
+    md.append(print_table("Whole small GPT-MoE vs number of layers", headers, rows))
     for axis, rows_ in result["bytes"].items():
         headers = list(rows_[0])
-        show(f"Bytes vs {axis}", headers, [list(r.values()) for r in rows_])
+        md.append(print_table(f"Bytes vs {axis}", headers, [list(r.values()) for r in rows_]))
     if result["gather"]:
         headers = ["ranks", "axis", "tokens/rank", "layers", "batched ms", "per-layer ms"]
-        show(
-            "Route gather (from route_storage_and_gather.py)",
-            headers,
-            [list(r.values()) for r in result["gather"]],
-        )
+        rows = [list(r.values()) for r in result["gather"]]
+        md.append(print_table("Route gather (from route_storage_and_gather.py)", headers, rows))
     headers = ["model", "H", "E", "k", "F", "MoE fwd ms", "predict +ms", "predict %"]
     headers += ["MoE fwd+bwd ms", "loss step ms", "loss %", "predictor GEMM FLOP %"]
     rows = [
@@ -481,11 +456,8 @@ def report(result: dict) -> str:
         ]
         for r in result["projection"]
     ]
-    show(
-        "PROJECTION (fitted per-element CPU costs, 4096 tokens/micro-batch, not measured)",
-        headers,
-        rows,
-    )
+    title = "PROJECTION (fitted per-element CPU costs, 4096 tokens/micro-batch, not measured)"
+    md.append(print_table(title, headers, rows))
     return "\n\n".join(md)
 
 
@@ -534,8 +506,7 @@ def main() -> None:
         "projection": proj,
         "fit": coefficients,
     }
-    result["markdown"] = report(result)
-    write_json(args.out, result)
+    write_result(args.out, result, report)
 
 
 if __name__ == "__main__":
