@@ -8,16 +8,20 @@ its subset and backpropagates SIMPLE gates through the exact marginals. Variants
 * ``topk``: Megatron's ``TopKRouter`` (softmax, top-k);
 * ``probmoe previous``: :class:`ProbMoERouter` with the DP it had before (a Python loop over
   experts in log space, marginals by double backward: ``routing/probmoe/_reference.py``);
-* ``probmoe``: the current DP (``routing/probmoe/subset_dp.py``).
+* ``probmoe tensor ops``: the current DP as tensor ops alone (``routing/probmoe/subset_dp.py``,
+  the fused CPU kernel switched off);
+* ``probmoe``: the current DP as the router runs it: on the CPU, the exact-k unsorted-path
+  calls (sampling and the backward's Hessian-vector product) in the fused kernel
+  (``routing/probmoe/cpu_kernel.py``), everything else in tensor ops.
 
 At E/k = 8/2 (the tiny model), 64/8 (OLMoE) and 256/8 (DeepSeek-V3), for three logit spreads:
 the freshly initialised router (logits of std ~0.2), router weights scaled to logits of std 2 (a
 trained router's spread; both on the DP's usual, unsorted path) and of std 20 (``k_max`` times
 the spread of a row's logits beyond 600: the ordered path, largest logits first). Reported:
-median ms per call, the median of the per-repeat ratios to
-top-k, and previous / current. Times are the CPU time of the benchmark's thread by default
-(``--clock cpu``; the machine is shared and oversubscribed, wall-clock times include waiting
-for a core), one intra-op thread.
+median ms per call, the median of the per-repeat ratios to top-k, and previous / current
+("x faster"). Times are the CPU time of the benchmark's thread by default (``--clock cpu``;
+the machine is shared and oversubscribed, wall-clock times include waiting for a core), one
+intra-op thread.
 
 Run: ``python benchmarks/probmoe_router_cost.py [--quick]`` → ``outputs/bench_probmoe_router.json``.
 """
@@ -105,8 +109,10 @@ def router_rows(
     hidden: int = HIDDEN,
 ) -> list[dict]:
     """One row per (spread, E, k): median ms per variant and paired ratios."""
+    from pr2_megatron.routing.probmoe import cpu_kernel
     from pr2_megatron.routing.probmoe.subset_dp import needs_ordered_path
 
+    kernel = cpu_kernel.available()
     rows = []
     for spread_name, logit_std in spreads.items():
         for experts, topk in sizes:
@@ -128,9 +134,17 @@ def router_rows(
                 with previous_dp():
                     step(router)
 
+            def tensor_ops(router=probmoe_router):
+                cpu_kernel.set_enabled(False)
+                try:
+                    step(router)
+                finally:
+                    cpu_kernel.set_enabled(None)
+
             variants = {
                 "topk": lambda router=topk_router: step(router),
                 "probmoe previous": previous,
+                "probmoe tensor ops": tensor_ops,
                 "probmoe": lambda router=probmoe_router: step(router),
             }
             samples = interleaved(variants, repeats, clock=clock)
@@ -147,15 +161,19 @@ def router_rows(
                     "hidden": hidden,
                     "topk_ms": 1e3 * median(samples["topk"]),
                     "previous_ms": 1e3 * median(samples["probmoe previous"]),
+                    "tensor_ops_ms": 1e3 * median(samples["probmoe tensor ops"]),
                     "probmoe_ms": 1e3 * median(samples["probmoe"]),
                     "previous_x_topk": paired_ratio(samples, "probmoe previous", "topk"),
+                    "tensor_ops_x_topk": paired_ratio(samples, "probmoe tensor ops", "topk"),
                     "probmoe_x_topk": paired_ratio(samples, "probmoe", "topk"),
+                    "cpu_kernel": kernel,
                     "previous_over_current": paired_ratio(samples, "probmoe previous", "probmoe"),
                 }
             )
             print(
                 f"  {spread_name:6s} E={experts:3d} k={topk}: x topk "
-                f"{rows[-1]['previous_x_topk']:.2f} -> {rows[-1]['probmoe_x_topk']:.2f}",
+                f"{rows[-1]['previous_x_topk']:.2f} -> {rows[-1]['tensor_ops_x_topk']:.2f} "
+                f"(tensor ops) -> {rows[-1]['probmoe_x_topk']:.2f}",
                 flush=True,
             )
     return rows
@@ -169,8 +187,10 @@ HEADERS = [
     "tokens",
     "topk ms",
     "previous ms",
+    "tensor ops ms",
     "probmoe ms",
     "previous x topk",
+    "tensor ops x topk",
     "probmoe x topk",
     "x faster",
 ]
@@ -182,8 +202,10 @@ COST_KEYS = (
     "tokens",
     "topk_ms",
     "previous_ms",
+    "tensor_ops_ms",
     "probmoe_ms",
     "previous_x_topk",
+    "tensor_ops_x_topk",
     "probmoe_x_topk",
 )
 

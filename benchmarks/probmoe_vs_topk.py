@@ -238,7 +238,10 @@ def main(argv=None) -> None:
     print("\nRouter only (forward + backward):")
     print(
         _table(
-            ["E", "k", "tokens", "topk ms", "previous ms", "probmoe ms", "previous x", "x topk"],
+            [
+                "E", "k", "tokens", "topk ms", "previous ms", "tensor ops ms", "probmoe ms",
+                "previous x", "tensor ops x", "x topk",
+            ],  # fmt: skip
             router_cost_cells(cost),
         )
     )

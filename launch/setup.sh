@@ -14,3 +14,6 @@ CONSTRAINTS=${CONSTRAINTS:-constraints/cpu.txt}
   -e ".[${PR2_EXTRAS}]" 2>&1 \
   | grep -v -E "^WARNING: (Location|Running pip as)" || true
 "$PYTHON" -c "import torch, megatron.core, pr2_megatron; print(f'torch {torch.__version__}, megatron-core {megatron.core.__version__}, pr2_megatron {pr2_megatron.__version__}')"
+# Build the ProbMoE CPU kernel now (else its first use does; it is optional: without a C++
+# compiler the tensor-op DP runs, with a warning).
+"$PYTHON" -W ignore::UserWarning -c "from pr2_megatron.routing.probmoe import cpu_kernel; print('ProbMoE CPU kernel: ' + ('built' if cpu_kernel.available() else 'unavailable, the tensor-op DP runs'))"

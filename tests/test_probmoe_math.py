@@ -1,6 +1,9 @@
 """ProbMoE subset math checked against brute-force enumeration over all subsets, and the
 current DP against the previous one (``routing/probmoe/_reference.py``).
 
+Every test runs twice: on the fused CPU kernel (``cpu_kernel``, which takes the exact-k
+unsorted-path calls) and on the tensor ops alone (the kernel switched off).
+
 Shape-suffix legend: T tokens, E experts, K sizes or index slots, S enumerated subsets.
 """
 
@@ -12,7 +15,7 @@ import math
 import pytest
 import torch
 
-from pr2_megatron.routing.probmoe import _reference, subset_dp
+from pr2_megatron.routing.probmoe import _reference, cpu_kernel, subset_dp
 from pr2_megatron.routing.probmoe.subsets import (
     SubsetDistribution,
     exact_marginals,
@@ -32,6 +35,18 @@ except ImportError:  # pragma: no cover - the fallback bound is exercised where 
     stats = None
 
 TOL = 1e-9
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "tensor_ops"])
+def dp_backend(request):
+    """The DP backend of the exact-k unsorted-path calls (the kernel skips where it can't build)."""
+    on = request.param == "cpu_kernel"
+    cpu_kernel.set_enabled(on)
+    if on and not cpu_kernel.available():
+        cpu_kernel.set_enabled(None)
+        pytest.skip("the ProbMoE CPU kernel did not build here")
+    yield request.param
+    cpu_kernel.set_enabled(None)
 
 
 # --------------------------------------------------------------------------------------------

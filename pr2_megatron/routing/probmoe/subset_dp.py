@@ -388,9 +388,22 @@ def _positions(num_experts: int, k_max: int, ordered: bool) -> int:
     return num_experts + k_max if ordered else num_experts
 
 
+def _on_cpu_kernel(theta_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool) -> bool:
+    """Whether the fused CPU kernel takes this call: CPU, unsorted path, exact-k."""
+    if theta_TE.device.type != "cpu" or ordered or k_min != k_max or theta_TE.shape[0] == 0:
+        return False
+    from pr2_megatron.routing.probmoe import cpu_kernel
+
+    return cpu_kernel.available()
+
+
 @torch.no_grad()
 def marginals(theta_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool) -> torch.Tensor:
     """Exact marginals [T, E] of every row (see :meth:`SubsetDP.marginals`)."""
+    if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
+        from pr2_megatron.routing.probmoe import cpu_kernel
+
+        return cpu_kernel.marginals(theta_TE, k_max)
     num_tokens, num_experts = theta_TE.shape
     blocks = row_blocks(num_tokens, _positions(num_experts, k_max, ordered), theta_TE.device)
     if len(blocks) == 1:
@@ -406,6 +419,10 @@ def hvp(
     theta_TE: torch.Tensor, grad_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool
 ) -> torch.Tensor:
     """``(∂μ/∂θ)ᵀ g`` [T, E] of every row, rebuilding each block's tables."""
+    if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
+        from pr2_megatron.routing.probmoe import cpu_kernel
+
+        return cpu_kernel.hvp(theta_TE, grad_TE, k_max)
     num_tokens, num_experts = theta_TE.shape
     blocks = row_blocks(num_tokens, _positions(num_experts, k_max, ordered), theta_TE.device)
     if len(blocks) == 1:
@@ -444,6 +461,11 @@ def sample(
     uniform_TK = torch.rand(
         (num_tokens, k_max), generator=generator, dtype=theta_TE.dtype, device=device
     )
+    if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
+        from pr2_megatron.routing.probmoe import cpu_kernel
+
+        mask_TE, ids_TK = cpu_kernel.sample(theta_TE, k_max, uniform_TK)
+        return mask_TE, sizes_T, ids_TK
     if len(blocks) == 1:
         mask_TE, ids_TK = SubsetDP(theta_TE, k_min, k_max, ordered).sample(sizes_T, uniform_TK)
         return mask_TE, sizes_T, ids_TK
