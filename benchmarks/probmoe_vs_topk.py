@@ -239,9 +239,17 @@ def main(argv=None) -> None:
     print(
         _table(
             [
-                "E", "k", "tokens", "topk ms", "previous ms", "tensor ops ms", "probmoe ms",
-                "previous x", "tensor ops x", "x topk",
-            ],  # fmt: skip
+                "E",
+                "k",
+                "tokens",
+                "topk ms",
+                "previous ms",
+                "tensor ops ms",
+                "probmoe ms",
+                "previous x",
+                "tensor ops x",
+                "x topk",
+            ],
             router_cost_cells(cost),
         )
     )
