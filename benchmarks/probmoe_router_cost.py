@@ -194,8 +194,10 @@ HEADERS = [
     "probmoe x topk",
     "x faster",
 ]
-#: The cost columns of a :func:`router_rows` row, in the order of :data:`HEADERS` (after the
-#: logits and the DP path); ``probmoe_vs_topk.py`` prints the same columns of its rows.
+#: The cost columns' headers (after the logits and the DP path, before "x faster").
+COST_HEADERS = HEADERS[2:-1]
+#: The cost columns of a :func:`router_rows` row, in the order of :data:`COST_HEADERS`;
+#: ``probmoe_vs_topk.py`` prints the same columns of its rows.
 COST_KEYS = (
     "E",
     "k",

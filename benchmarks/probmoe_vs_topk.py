@@ -166,11 +166,11 @@ def router_cost(tokens: int, repeats: int, seed: int) -> list[dict]:
     return rows
 
 
-def router_cost_cells(cost: list[dict]) -> list[list[object]]:
-    """The cost columns of the router-only rows (``probmoe_router_cost.COST_KEYS``)."""
-    from probmoe_router_cost import COST_KEYS
+def router_cost_table(cost: list[dict]) -> str:
+    """The cost columns of the router-only rows, as ``probmoe_router_cost.py`` heads them."""
+    from probmoe_router_cost import COST_HEADERS, COST_KEYS
 
-    return [[r[key] for key in COST_KEYS] for r in cost]
+    return _table(list(COST_HEADERS), [[r[key] for key in COST_KEYS] for r in cost])
 
 
 def _three_decimals(value: object) -> str:
@@ -236,23 +236,7 @@ def main(argv=None) -> None:
     )
     cost = router_cost(args.router_tokens, args.router_repeats, args.seed)
     print("\nRouter only (forward + backward):")
-    print(
-        _table(
-            [
-                "E",
-                "k",
-                "tokens",
-                "topk ms",
-                "previous ms",
-                "tensor ops ms",
-                "probmoe ms",
-                "previous x",
-                "tensor ops x",
-                "x topk",
-            ],
-            router_cost_cells(cost),
-        )
-    )
+    print(router_cost_table(cost))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     payload = {
         "environment": {
