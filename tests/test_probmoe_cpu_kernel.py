@@ -146,6 +146,8 @@ def test_a_failed_build_warns_and_the_tensor_ops_take_over(monkeypatch):
         assert not cpu_kernel.available()
         mu_TE = subset_dp.marginals(theta_TE, 3, 3, False)
     torch.testing.assert_close(mu_TE, SubsetDP(theta_TE, 3, 3, False).marginals())
+    with pytest.raises(RuntimeError, match="CPU kernel is unavailable: no C\\+\\+ compiler"):
+        cpu_kernel.marginals(theta_TE, 3)  # called directly: an error, not a silent fallback
 
 
 def test_bad_arguments_name_the_value():

@@ -52,7 +52,11 @@ _enabled: Optional[bool] = None  # None: from the environment
 
 
 def set_enabled(enabled: Optional[bool]) -> None:
-    """Turn the kernel on or off here (None: ``$PR2_PROBMOE_CPU_KERNEL``, default on)."""
+    """Let ``subset_dp`` use the kernel or not (None: ``$PR2_PROBMOE_CPU_KERNEL``, default on).
+
+    :func:`marginals`, :func:`hvp` and :func:`sample` called directly run the kernel whenever it
+    is loaded.
+    """
     global _enabled
     _enabled = enabled
 
@@ -148,6 +152,14 @@ def available() -> bool:
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
+def _loaded() -> ctypes.CDLL:
+    """The library (built or loaded now if need be); RuntimeError when it is unavailable."""
+    if _library is None and not available():
+        why = _failure or f"switched off (${_ENV_SWITCH} or set_enabled)"
+        raise RuntimeError(f"the ProbMoE CPU kernel is unavailable: {why}")
+    return _library
+
+
 def _logits(theta_TE: torch.Tensor, k: int) -> torch.Tensor:
     """The logits as the kernel reads them: 2-D, CPU, float32 or float64, contiguous."""
     if theta_TE.device.type != "cpu" or theta_TE.dim() != 2:
@@ -165,7 +177,7 @@ def marginals(theta_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Exact-k inclusion marginals [T, E] in the logits' dtype (unsorted path)."""
     theta_TE = _logits(theta_TE, k)
     out_TE = torch.empty_like(theta_TE)
-    _library.pr2_probmoe_marginals(
+    _loaded().pr2_probmoe_marginals(
         theta_TE.data_ptr(), *theta_TE.shape, k, _DTYPES[theta_TE.dtype], out_TE.data_ptr()
     )
     return out_TE
@@ -178,7 +190,7 @@ def hvp(theta_TE: torch.Tensor, grad_TE: torch.Tensor, k: int) -> torch.Tensor:
     if grad_TE.shape != theta_TE.shape:
         raise ValueError(f"gradient {tuple(grad_TE.shape)} for logits {tuple(theta_TE.shape)}")
     out_TE = torch.empty_like(theta_TE)
-    _library.pr2_probmoe_hvp(
+    _loaded().pr2_probmoe_hvp(
         theta_TE.data_ptr(),
         grad_TE.data_ptr(),
         *theta_TE.shape,
@@ -200,7 +212,7 @@ def sample(
     fraction_TK = (1.0 - uniform_TK.to(torch.float64)).contiguous()
     ids_TK = torch.empty((num_tokens, k), dtype=torch.long)
     mask_TE = torch.empty((num_tokens, num_experts), dtype=torch.bool)
-    _library.pr2_probmoe_sample(
+    _loaded().pr2_probmoe_sample(
         theta_TE.data_ptr(),
         fraction_TK.data_ptr(),
         num_tokens,
