@@ -33,8 +33,11 @@ walks the table back from the last position: with ``r`` experts still to pick be
 look-up (``searchsorted``) in the row ``e_r``: ``k_max`` look-ups per token instead of ``E``
 steps.
 
-Tokens are processed in blocks of rows on CPU (:func:`row_blocks`): a block's tables stay in
-cache through all ``k_max`` steps. Nothing is kept between a forward and its backward but the
+On the CPU the block drivers below hand exact-k calls on the unsorted path to a fused kernel
+(:mod:`~pr2_megatron.routing.probmoe.cpu_kernel`: the same math, equal within 1e-12, the same
+draws) when it is available; the tensor ops here run everything else. Tokens are processed in
+blocks of rows on CPU (:func:`row_blocks`): a block's tables stay in cache through all
+``k_max`` steps. Nothing is kept between a forward and its backward but the
 logits: the backward rebuilds the block's tables (two ops per size) instead of reading them back
 from memory.
 
@@ -51,6 +54,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pr2_megatron.routing.probmoe import cpu_kernel
 
 __all__ = ["SubsetDP", "hvp", "marginals", "needs_ordered_path", "row_blocks", "sample"]
 
@@ -392,8 +397,6 @@ def _on_cpu_kernel(theta_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool
     """Whether the fused CPU kernel takes this call: CPU, unsorted path, exact-k."""
     if theta_TE.device.type != "cpu" or ordered or k_min != k_max or theta_TE.shape[0] == 0:
         return False
-    from pr2_megatron.routing.probmoe import cpu_kernel
-
     return cpu_kernel.available()
 
 
@@ -401,8 +404,6 @@ def _on_cpu_kernel(theta_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool
 def marginals(theta_TE: torch.Tensor, k_min: int, k_max: int, ordered: bool) -> torch.Tensor:
     """Exact marginals [T, E] of every row (see :meth:`SubsetDP.marginals`)."""
     if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
-        from pr2_megatron.routing.probmoe import cpu_kernel
-
         return cpu_kernel.marginals(theta_TE, k_max)
     num_tokens, num_experts = theta_TE.shape
     blocks = row_blocks(num_tokens, _positions(num_experts, k_max, ordered), theta_TE.device)
@@ -420,8 +421,6 @@ def hvp(
 ) -> torch.Tensor:
     """``(∂μ/∂θ)ᵀ g`` [T, E] of every row, rebuilding each block's tables."""
     if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
-        from pr2_megatron.routing.probmoe import cpu_kernel
-
         return cpu_kernel.hvp(theta_TE, grad_TE, k_max)
     num_tokens, num_experts = theta_TE.shape
     blocks = row_blocks(num_tokens, _positions(num_experts, k_max, ordered), theta_TE.device)
@@ -462,8 +461,6 @@ def sample(
         (num_tokens, k_max), generator=generator, dtype=theta_TE.dtype, device=device
     )
     if _on_cpu_kernel(theta_TE, k_min, k_max, ordered):
-        from pr2_megatron.routing.probmoe import cpu_kernel
-
         mask_TE, ids_TK = cpu_kernel.sample(theta_TE, k_max, uniform_TK)
         return mask_TE, sizes_T, ids_TK
     if len(blocks) == 1:
