@@ -157,3 +157,16 @@ def test_bad_arguments_name_the_value():
         cpu_kernel.marginals(torch.zeros(2, 8, 1), 2)
     with pytest.raises(ValueError, match=r"uniforms \(2, 3\) for \(2, k=2\)"):
         cpu_kernel.sample(torch.zeros(2, 8), 2, torch.zeros(2, 3))
+
+
+def test_half_precision_logits_are_computed_from_their_float32_values():
+    theta_TE, generator = _logits(19, 16, torch.float32, seed=11)
+    half_TE = theta_TE.bfloat16()
+    grad_TE = torch.randn(half_TE.shape, generator=generator).bfloat16()
+    reference = SubsetDP(half_TE.float(), 4, 4, ordered=False)
+    mu_TE = cpu_kernel.marginals(half_TE, 4)
+    assert mu_TE.dtype == torch.bfloat16
+    assert torch.equal(mu_TE, reference.marginals().bfloat16())
+    hvp_TE = cpu_kernel.hvp(half_TE, grad_TE, 4)
+    assert hvp_TE.dtype == torch.bfloat16
+    torch.testing.assert_close(hvp_TE.float(), reference.hvp(grad_TE.float()), rtol=1e-2, atol=1e-3)

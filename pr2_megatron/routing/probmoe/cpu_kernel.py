@@ -175,16 +175,18 @@ def _logits(theta_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 def marginals(theta_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Exact-k inclusion marginals [T, E] in the logits' dtype (unsorted path)."""
+    dtype = theta_TE.dtype
     theta_TE = _logits(theta_TE, k)
     out_TE = torch.empty_like(theta_TE)
     _loaded().pr2_probmoe_marginals(
         theta_TE.data_ptr(), *theta_TE.shape, k, _DTYPES[theta_TE.dtype], out_TE.data_ptr()
     )
-    return out_TE
+    return out_TE.to(dtype)  # half-precision logits: computed from their float32 values
 
 
 def hvp(theta_TE: torch.Tensor, grad_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Exact-k ``(∂μ/∂θ)ᵀ g`` [T, E] in the logits' dtype (unsorted path)."""
+    dtype = theta_TE.dtype
     theta_TE = _logits(theta_TE, k)
     grad_TE = grad_TE.detach().to(theta_TE.dtype).contiguous()
     if grad_TE.shape != theta_TE.shape:
@@ -198,7 +200,7 @@ def hvp(theta_TE: torch.Tensor, grad_TE: torch.Tensor, k: int) -> torch.Tensor:
         _DTYPES[theta_TE.dtype],
         out_TE.data_ptr(),
     )
-    return out_TE
+    return out_TE.to(dtype)
 
 
 def sample(
